@@ -1,0 +1,59 @@
+"""Use an optimized BLAS for MLX's CPU backend on Linux.
+
+The `mlx[cpu]` wheel links the reference BLAS (about 5 GFLOP/s for an fp32 GEMM on a 2-core
+x86 machine); an OpenBLAS loaded into the global symbol scope before `mlx.core` is imported
+takes over `cblas_sgemm` (60-190 GFLOP/s on the same machine) and gives identical results to
+float32 rounding. libmlx binds its BLAS symbols when it is loaded, so this must run before the
+first `import mlx.core`: `mlx_smolvlm/__init__.py` calls it first thing.
+
+Opt out with MLX_SMOLVLM_BLAS=0; point MLX_SMOLVLM_BLAS at a library file to choose one.
+Nothing of this applies on macOS, where MLX uses Metal and Accelerate.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+CANDIDATES = (
+    "libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "libopenblasp.so.0",
+)
+
+loaded: str | None = None
+
+
+def _candidates(choice: str | None) -> list[str]:
+    if choice and choice not in ("1", "auto"):
+        return [choice]
+    found = ctypes.util.find_library("openblas")
+    return ([found] if found else []) + list(CANDIDATES)
+
+
+def enable_fast_blas() -> str | None:
+    """Load an optimized BLAS globally before MLX does; return its name, or None."""
+    global loaded
+    choice = os.environ.get("MLX_SMOLVLM_BLAS")
+    if loaded or sys.platform != "linux" or choice == "0":
+        return loaded
+    if "mlx.core" in sys.modules:
+        return None  # too late: libmlx already bound the reference BLAS
+    for name in _candidates(choice):
+        try:
+            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+        loaded = name
+        if os.environ.get("MLX_SMOLVLM_QUIET") != "1":
+            print(
+                f"[mlx-smolvlm] MLX CPU backend: using {name} for matrix products "
+                "(MLX_SMOLVLM_BLAS=0 to turn off)",
+                file=sys.stderr,
+            )
+        return loaded
+    return None

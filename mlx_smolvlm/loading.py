@@ -1,0 +1,153 @@
+"""Find a checkpoint (local or on the Hub), read its weights, build the model."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelConfig, load_config
+from .model import Model
+
+# Files a checkpoint needs: weights, configs, tokenizer and chat template.
+CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def get_model_path(path_or_repo: str | Path, revision: str | None = None) -> Path:
+    """A local checkpoint directory, downloading a Hub repo id (needed files only) if required."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{path} is a file; expected a checkpoint directory or a Hub repo id")
+        return path
+    repo = str(path_or_repo)
+    if repo.startswith((".", "/", "~")) or repo.count("/") != 1:
+        raise FileNotFoundError(f"{repo} does not exist and is not a Hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=CHECKPOINT_PATTERNS))
+    except Exception as e:
+        raise FileNotFoundError(
+            f"could not find {repo!r} locally or download it from the Hub: {e}"
+        ) from e
+
+
+def load_weights(model_path: Path) -> dict[str, mx.array]:
+    """Read every safetensors shard in `model_path`, naming the file that fails."""
+    files = sorted(glob.glob(str(model_path / "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"{model_path} has no *.safetensors weight files")
+    weights = {}
+    for file in files:
+        try:
+            weights.update(mx.load(file))
+        except Exception as e:
+            raise ValueError(f"{file}: cannot read safetensors ({e}); is it truncated?") from e
+    return weights
+
+
+def resolve_dtype(dtype: str | mx.Dtype | None, stored: str | None = None) -> mx.Dtype:
+    """Compute dtype: the user's, else float32 on the CPU backend (its bf16/fp16 kernels are
+    several times slower), else the checkpoint's own."""
+    if isinstance(dtype, mx.Dtype):
+        return dtype
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    if mx.default_device() == mx.cpu or not mx.metal.is_available():
+        return mx.float32
+    return DTYPES.get(stored or "bfloat16", mx.bfloat16)
+
+
+def quantize_like(model: Model, config: dict, weights: dict[str, mx.array]) -> None:
+    """Swap in quantized layers wherever the checkpoint stores quantized weights."""
+    quantization = config.get("quantization") or config.get("quantization_config")
+    if not quantization:
+        return
+
+    def predicate(path: str, module: nn.Module):
+        if f"{path}.scales" not in weights:
+            return False
+        override = quantization.get(path)
+        return override if isinstance(override, dict) else True
+
+    nn.quantize(
+        model,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def check_weights(model: Model, weights: dict[str, mx.array], model_path: Path) -> None:
+    """Fail with the weight's name and both shapes on any missing, extra or mis-shaped weight."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing:
+        raise ValueError(f"{model_path}: missing weights {missing[:8]} ({len(missing)} in all)")
+    if extra:
+        raise ValueError(f"{model_path}: unexpected weights {extra[:8]} ({len(extra)} in all)")
+    for name, value in weights.items():
+        if value.shape != expected[name].shape:
+            raise ValueError(
+                f"{model_path}: weight {name} has shape {tuple(value.shape)}; "
+                f"the config expects {tuple(expected[name].shape)}"
+            )
+
+
+def load_model(
+    model_path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False
+) -> Model:
+    """Build the model described by `model_path/config.json` and load its weights."""
+    model_path = Path(model_path)
+    config, raw = load_config(model_path)
+    model = Model(config)
+    weights = model.sanitize(load_weights(model_path))
+    quantize_like(model, raw, weights)
+    check_weights(model, weights, model_path)
+    compute = resolve_dtype(dtype, raw.get("torch_dtype") or raw.get("dtype"))
+    weights = {
+        k: v.astype(compute) if mx.issubdtype(v.dtype, mx.floating) else v
+        for k, v in weights.items()
+    }
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    if not lazy:
+        mx.eval(model.parameters())
+    return model
+
+
+def load(
+    path_or_repo: str | Path,
+    adapter_path: str | Path | None = None,
+    dtype: str | mx.Dtype | None = None,
+    lazy: bool = False,
+    revision: str | None = None,
+    **processor_kwargs: Any,
+) -> tuple[Model, Any]:
+    """Load a SmolVLM checkpoint (local dir or Hub id) and its processor: `(model, processor)`."""
+    from .processing import Processor
+
+    model_path = get_model_path(path_or_repo, revision)
+    model = load_model(model_path, dtype=dtype, lazy=True)
+    if adapter_path is not None:
+        from .lora import apply_adapters
+
+        apply_adapters(model, adapter_path)
+    if not lazy:
+        mx.eval(model.parameters())
+    processor = Processor.from_pretrained(model_path, **processor_kwargs)
+    return model, processor
+
+
+__all__ = ["ModelConfig", "get_model_path", "load", "load_model", "load_weights"]

@@ -1,0 +1,151 @@
+"""Random checkpoints made with transformers (the reference), and inputs shaped like the processor's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+# Real patch geometry of the family, with small widths and depths to keep tests fast.
+GEOMETRIES = {
+    "256m": {"image_size": 512, "patch_size": 16, "scale_factor": 4},  # 32x32 grid, 64 tokens
+    "2.2b": {"image_size": 384, "patch_size": 14, "scale_factor": 3},  # 27x27 grid, 81 tokens
+}
+IMAGE_TOKEN_ID = 300
+FAKE_TOKEN_ID = 301
+VOCAB_SIZE = 320
+
+
+def tiny_config(model_type: str = "idefics3", geometry: str = "256m", **text) -> dict:
+    """A config.json dict with real patch geometry and a tiny vision tower and decoder."""
+    geo = GEOMETRIES[geometry]
+    text_config = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": VOCAB_SIZE,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": False,
+        "pad_token_id": 2,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        **text,
+    }
+    return {
+        "model_type": model_type,
+        "architectures": [
+            "Idefics3ForConditionalGeneration"
+            if model_type == "idefics3"
+            else "SmolVLMForConditionalGeneration"
+        ],
+        "image_token_id": IMAGE_TOKEN_ID,
+        "scale_factor": geo["scale_factor"],
+        "tie_word_embeddings": False,
+        "vision_config": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": geo["image_size"],
+            "patch_size": geo["patch_size"],
+            "layer_norm_eps": 1e-6,
+            "hidden_act": "gelu_pytorch_tanh",
+        },
+        "text_config": text_config,
+    }
+
+
+def hf_model(config: dict, seed: int = 0):
+    """A float32 transformers model with random weights large enough to make logits distinct."""
+    import torch
+    import transformers
+
+    name = "Idefics3" if config["model_type"] == "idefics3" else "SmolVLM"
+    hf_config = getattr(transformers, f"{name}Config")(**config)
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{name}ForConditionalGeneration")(hf_config).eval()
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            if param.ndim == 1 and "norm" in pname:
+                param.copy_(1 + 0.1 * torch.randn_like(param))
+            elif param.ndim == 1:
+                param.copy_(0.02 * torch.randn_like(param))
+            else:
+                fan_in = param[0].numel()
+                param.copy_(torch.randn_like(param) / fan_in**0.5)
+    return model
+
+
+def save_hf_checkpoint(path: Path, config: dict, seed: int = 0, tokenizer_dir: Path | None = None):
+    """Write a random HF checkpoint to `path` and return the transformers model."""
+    model = hf_model(config, seed)
+    model.save_pretrained(path)
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, path)
+    return model
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """Place a real checkpoint's tokenizer/processor files beside random weights."""
+    for file in Path(src).iterdir():
+        if file.name != "config.json" and file.suffix in (".json", ".txt", ".jinja"):
+            (Path(dst) / file.name).write_bytes(file.read_bytes())
+
+
+def image_prompt(tiles: list[int], seq_len: int, rng: np.random.Generator, text: int = 4) -> list:
+    """Token ids: text, then per image a block of `<image>` tokens per tile, then text."""
+    ids = []
+    for count in tiles:
+        ids += rng.integers(3, 200, size=text).tolist()
+        for _ in range(count):
+            ids += [FAKE_TOKEN_ID] + [IMAGE_TOKEN_ID] * seq_len
+        ids.append(FAKE_TOKEN_ID)
+    return ids + rng.integers(3, 200, size=text).tolist()
+
+
+def random_pixels(tiles: list[list[int]], size: int, rng: np.random.Generator):
+    """pixel_values (batch, max tiles, 3, size, size) with zero padding tiles, and the pixel mask."""
+    most = max(sum(sample) for sample in tiles)
+    pixels = np.zeros((len(tiles), most, 3, size, size), dtype=np.float32)
+    mask = np.zeros((len(tiles), most, size, size), dtype=bool)
+    for b, sample in enumerate(tiles):
+        n = sum(sample)
+        pixels[b, :n] = rng.uniform(-1, 1, size=(n, 3, size, size))
+        mask[b, :n] = True
+    return pixels, mask
+
+
+def left_pad(sequences: list[list[int]], pad_id: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists into input_ids and attention_mask arrays."""
+    longest = max(map(len, sequences))
+    ids = np.full((len(sequences), longest), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), longest), dtype=np.int64)
+    for i, seq in enumerate(sequences):
+        ids[i, longest - len(seq) :] = seq
+        mask[i, longest - len(seq) :] = 1
+    return ids, mask
+
+
+def hf_logits(model, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None):
+    """Reference logits as a numpy array."""
+    import torch
+
+    kwargs = {"input_ids": torch.from_numpy(np.asarray(input_ids, dtype=np.int64))}
+    if pixel_values is not None:
+        kwargs["pixel_values"] = torch.from_numpy(pixel_values)
+        kwargs["pixel_attention_mask"] = torch.from_numpy(pixel_attention_mask)
+    if attention_mask is not None:
+        kwargs["attention_mask"] = torch.from_numpy(np.asarray(attention_mask))
+    with torch.no_grad():
+        return model(**kwargs).logits.float().numpy()
+
+
+def write_config(path: Path, config: dict) -> None:
+    (Path(path) / "config.json").write_text(json.dumps(config))
