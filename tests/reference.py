@@ -17,7 +17,12 @@ FAKE_TOKEN_ID = 301
 VOCAB_SIZE = 320
 
 
-def tiny_config(model_type: str = "idefics3", geometry: str = "256m", **text) -> dict:
+def tiny_config(
+    model_type: str = "idefics3",
+    geometry: str = "256m",
+    image_token_id: int = IMAGE_TOKEN_ID,
+    **text,
+) -> dict:
     """A config.json dict with real patch geometry and a tiny vision tower and decoder."""
     geo = GEOMETRIES[geometry]
     text_config = {
@@ -45,7 +50,7 @@ def tiny_config(model_type: str = "idefics3", geometry: str = "256m", **text) ->
             if model_type == "idefics3"
             else "SmolVLMForConditionalGeneration"
         ],
-        "image_token_id": IMAGE_TOKEN_ID,
+        "image_token_id": image_token_id,
         "scale_factor": geo["scale_factor"],
         "tie_word_embeddings": False,
         "vision_config": {
@@ -60,6 +65,12 @@ def tiny_config(model_type: str = "idefics3", geometry: str = "256m", **text) ->
         },
         "text_config": text_config,
     }
+
+
+def tiny_config_for_real_tokenizer(model_type: str = "idefics3", geometry: str = "256m") -> dict:
+    """A tiny model that speaks SmolVLM-256M's vocabulary (49280 ids, <image> = 49190)."""
+    # head_dim 32 so that a quantized KV cache (groups of 32 or more) works too.
+    return tiny_config(model_type, geometry, image_token_id=49190, vocab_size=49280, head_dim=32)
 
 
 def hf_model(config: dict, seed: int = 0):

@@ -1,0 +1,131 @@
+"""`python -m mlx_smolvlm.chat`: a multi-turn conversation about images in the terminal.
+
+The KV cache of earlier turns is kept, so each turn prefills only its new tokens and each
+image is encoded once.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .generate import (
+    DEFAULT_MODEL,
+    GenerationResult,
+    PromptCache,
+    image_kwargs_from_cli,
+    image_options,
+    load_images,
+    print_stats,
+    stream_generate,
+)
+
+HELP = "Commands: /image PATH (attach an image to your next message), /reset, /exit"
+
+
+def read_lines():
+    """Lines from a pipe, or from the terminal with a prompt until Ctrl-D."""
+    if not sys.stdin.isatty():
+        yield from sys.stdin
+        return
+    while True:
+        try:
+            yield input(">> ")
+        except EOFError:
+            return
+
+
+def user_message(text: str, images: list) -> dict:
+    """A user turn: the attached images first, then the text."""
+    parts = [{"type": "image", "image": im} for im in images]
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--model", default=DEFAULT_MODEL, show_default=True, help="Hub repo id or local path."
+)
+@click.option("--image", multiple=True, help="Image(s) for the first message; repeat for several.")
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--max-tokens", default=512, show_default=True, help="Most tokens per answer.")
+@click.option("--temperature", "--temp", default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling threshold.")
+@click.option("--seed", type=int, default=None, help="Random seed for reproducible sampling.")
+@click.option("--adapter-path", default=None, help="LoRA adapters to apply.")
+@image_options
+@click.option("--verbose/--quiet", default=False, show_default=True, help="Statistics per turn.")
+def main(
+    model,
+    image,
+    system,
+    max_tokens,
+    temperature,
+    top_p,
+    seed,
+    adapter_path,
+    resize_shape,
+    no_image_splitting,
+    longest_edge,
+    max_tiles,
+    no_upscale,
+    verbose,
+):
+    """Chat with a SmolVLM model about one or more images."""
+    from .loading import load
+
+    image_kwargs = image_kwargs_from_cli(
+        resize_shape, no_image_splitting, longest_edge, max_tiles, no_upscale
+    )
+    try:
+        pending = load_images(image, resize_shape)
+        vlm, processor = load(model, adapter_path=adapter_path)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    messages: list[dict] = []
+    cache = PromptCache(vlm)
+    print(HELP, flush=True)
+    for line in read_lines():
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            break
+        if line == "/reset":
+            messages, pending, cache = [], [], PromptCache(vlm)
+            print("[conversation cleared]", flush=True)
+            continue
+        if line.startswith("/image"):
+            try:
+                pending += load_images((line[len("/image") :].strip(),), resize_shape)
+                print(f"[{len(pending)} image(s) attached to your next message]", flush=True)
+            except (FileNotFoundError, ValueError, OSError) as e:
+                print(f"Error: {e}", flush=True)
+            continue
+        messages.append(user_message(line, pending))
+        pending = []
+        reply, result = [], GenerationResult()
+        for result in stream_generate(
+            vlm,
+            processor,
+            messages,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            system=system,
+            prompt_cache=cache,
+            **image_kwargs,
+        ):
+            reply.append(result.text)
+            print(result.text, end="", flush=True)
+        print(flush=True)
+        if verbose:
+            print_stats(result)
+        messages.append(
+            {"role": "assistant", "content": [{"type": "text", "text": "".join(reply)}]}
+        )
+
+
+if __name__ == "__main__":
+    main()
