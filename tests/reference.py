@@ -81,7 +81,7 @@ def hf_model(config: dict, seed: int = 0):
     name = "Idefics3" if config["model_type"] == "idefics3" else "SmolVLM"
     hf_config = getattr(transformers, f"{name}Config")(**config)
     torch.manual_seed(seed)
-    model = getattr(transformers, f"{name}ForConditionalGeneration")(hf_config).eval()
+    model = getattr(transformers, f"{name}ForConditionalGeneration")(hf_config).float().eval()
     with torch.no_grad():
         for pname, param in model.named_parameters():
             if param.ndim == 1 and "norm" in pname:

@@ -205,3 +205,29 @@ def test_shape_mismatch_names_weight_and_shapes(tmp_path):
 def test_missing_directory_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         load_model(tmp_path)
+
+
+@pytest.mark.slow
+def test_real_256m_shape_with_real_processor(tmp_path, smolvlm_256m_dir):
+    """The full SmolVLM-256M-Instruct shape, real config, tokenizer and processor, split image."""
+    from reference import copy_tokenizer_files, hf_model
+
+    from mlx_smolvlm.processing import Processor
+
+    config = json.loads((smolvlm_256m_dir / "config.json").read_text())
+    hf = hf_model(config, seed=0)
+    hf.save_pretrained(tmp_path)
+    copy_tokenizer_files(smolvlm_256m_dir, tmp_path)
+    model = load_model(tmp_path)
+    processor = Processor.from_pretrained(tmp_path)
+    rng = np.random.default_rng(8)
+    image = (rng.uniform(0, 255, size=(600, 800, 3))).astype(np.uint8)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}],
+        add_generation_prompt=True,
+    )
+    inputs = processor(text=text, images=[image], return_tensors="np", longest_edge=1024)
+    assert inputs["pixel_values"].shape[1] == 5  # 2x2 tiles and the global image
+    ours = model(inputs["input_ids"], inputs["pixel_values"], inputs["pixel_attention_mask"])
+    ref = hf_logits(hf, inputs["input_ids"], inputs["pixel_values"], inputs["pixel_attention_mask"])
+    assert_parity(ours, ref)
