@@ -1,0 +1,370 @@
+"""LoRA adapters: which layers get them, saving and loading them, and the fine-tuning CLI.
+
+`python -m mlx_smolvlm.lora --model ... --data ...` trains adapters (QLoRA when the model
+is quantized); `apply_adapters` puts saved ones back on a loaded model. The training loop
+lives in `mlx_smolvlm.trainer`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.lora import LoRALinear
+
+ADAPTER_FILE = "adapters.safetensors"
+CONFIG_FILE = "adapter_config.json"
+ADAPTER_FORMAT = "mlx-smolvlm-lora"
+# Every linear layer of a block when --target-modules is "all".
+TEXT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VISION_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+CONNECTOR_MODULE = "connector.modality_projection.proj"
+DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
+
+
+class AdapterError(ValueError):
+    """A missing or unusable adapter directory; the message names the file at fault."""
+
+
+def parse_targets(target_modules: str | list[str] | tuple[str, ...]) -> list[str] | None:
+    """Module names from a comma-separated string; None means every linear layer."""
+    if isinstance(target_modules, str):
+        target_modules = [t.strip() for t in target_modules.split(",")]
+    targets = [t for t in target_modules if t]
+    if not targets or targets == ["all"]:
+        return None
+    return targets
+
+
+def select_modules(
+    model: nn.Module,
+    num_layers: int = -1,
+    target_modules: str | list[str] = "all",
+    train_vision: bool = False,
+) -> list[str]:
+    """Paths of the linear layers to put LoRA on: the last `num_layers` decoder blocks (-1:
+    all), and with `train_vision` every vision block and the connector."""
+    targets = parse_targets(target_modules)
+    layers = model.language_model.layers
+    count = len(layers) if num_layers < 0 else min(num_layers, len(layers))
+    blocks = [
+        (f"language_model.layers.{i}", TEXT_MODULES)
+        for i in range(len(layers) - count, len(layers))
+    ]
+    if train_vision:
+        vision = model.vision_model.encoder.layers
+        blocks += [(f"vision_model.encoder.layers.{i}", VISION_MODULES) for i in range(len(vision))]
+    wanted = targets or sorted(set(TEXT_MODULES + VISION_MODULES))
+    paths = [
+        path
+        for path, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.QuantizedLinear))
+        and any(_in_block(path, block, names, wanted) for block, names in blocks)
+    ]
+    if targets:
+        matched = {t for t in targets if any(_matches(p, t) for p in paths)}
+        if unmatched := [t for t in targets if t not in matched]:
+            raise ValueError(
+                f"--target-modules {unmatched} match no linear layer; known names: "
+                f"{', '.join(sorted(set(TEXT_MODULES + (VISION_MODULES if train_vision else ()))))}"
+            )
+    if train_vision:
+        paths.append(CONNECTOR_MODULE)  # the projection into the decoder always adapts
+    return sorted(paths)
+
+
+def _in_block(path: str, block: str, names: tuple[str, ...], wanted: list[str]) -> bool:
+    """Whether `path` is a linear layer of `block` that the targets ask for."""
+    if not path.startswith(block + "."):
+        return False
+    return path.rsplit(".", 1)[-1] in names and any(_matches(path, t) for t in wanted)
+
+
+def _matches(path: str, target: str) -> bool:
+    """A target names a module by its last path components ("q_proj", "self_attn.q_proj")."""
+    return path == target or path.endswith("." + target)
+
+
+def lora_parameters(rank: int, alpha: float, dropout: float) -> dict[str, float]:
+    """The LoRA hyperparameters as stored in adapter_config.json (scale = alpha / rank)."""
+    return {"rank": rank, "alpha": alpha, "scale": alpha / rank, "dropout": dropout}
+
+
+def add_lora(model: nn.Module, modules: list[str], params: dict[str, Any]) -> None:
+    """Wrap the linear layers at `modules` in mlx-lm's LoRALinear (quantized ones too)."""
+    found = dict(model.named_modules())
+    wrapped = []
+    for path in modules:
+        layer = found.get(path)
+        if not isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
+            kind = "missing" if layer is None else type(layer).__name__
+            raise ValueError(f"cannot put LoRA on {path}: it is {kind}, not a linear layer")
+        lora = LoRALinear.from_base(
+            layer,
+            r=int(params["rank"]),
+            scale=float(params["scale"]),
+            dropout=float(params["dropout"]),
+        )
+        wrapped.append((path, lora))
+    model.update_modules(tree_unflatten(wrapped))
+    # New modules start in training mode; follow the model's (dropout is off in eval).
+    model.train(model.training)
+
+
+def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
+    """The LoRA matrices of `model`, by parameter path."""
+    return {
+        name: value
+        for name, value in tree_flatten(model.parameters())
+        if name.endswith((".lora_a", ".lora_b"))
+    }
+
+
+def atomic_write_text(file: Path, text: str) -> None:
+    """Write `file` through a temporary file and a rename, so readers never see half of it."""
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, file)
+
+
+def atomic_save_safetensors(
+    file: Path, arrays: dict[str, mx.array], metadata: dict | None = None
+) -> None:
+    """`mx.save_safetensors` through a temporary file and a rename."""
+    # mx.save_safetensors appends ".safetensors" to names without it.
+    tmp = file.with_name(f".{file.stem}.{os.getpid()}.tmp.safetensors")
+    mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
+    os.replace(tmp, file)
+
+
+def save_adapters(model: nn.Module, adapter_path: str | Path, config: dict[str, Any]) -> None:
+    """Write adapters.safetensors and adapter_config.json into `adapter_path` atomically."""
+    path = Path(adapter_path)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(path / ADAPTER_FILE, adapter_weights(model), {"format": "mlx"})
+    atomic_write_text(path / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+
+
+def read_adapter_config(adapter_path: str | Path) -> dict[str, Any]:
+    """adapter_config.json of `adapter_path`, checked for the keys `apply_adapters` needs."""
+    path = Path(adapter_path)
+    if not path.is_dir():
+        raise AdapterError(f"adapter directory {path} does not exist")
+    file = path / CONFIG_FILE
+    if not file.exists():
+        raise AdapterError(f"{file} not found: {path} is not an mlx-smolvlm adapter directory")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{file}: invalid JSON ({e})") from e
+    if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
+        raise AdapterError(f"{file}: not an {ADAPTER_FORMAT} adapter config")
+    params = config.get("lora_parameters")
+    if not isinstance(params, dict) or not {"rank", "scale", "dropout"} <= set(params):
+        raise AdapterError(f"{file}: lora_parameters needs rank, scale and dropout")
+    if not isinstance(config.get("modules"), list) or not config["modules"]:
+        raise AdapterError(f"{file}: 'modules' must list the adapted layers")
+    return config
+
+
+def load_adapter_weights(model: nn.Module, file: Path) -> None:
+    """Load LoRA matrices from `file`, requiring exactly the model's adapter parameters."""
+    if not file.exists():
+        raise AdapterError(f"{file} not found")
+    try:
+        weights = mx.load(str(file))
+    except Exception as e:  # mlx raises a bare RuntimeError/ValueError on bad files
+        raise AdapterError(f"{file}: cannot read safetensors ({e})") from e
+    expected = adapter_weights(model)
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing or extra:
+        raise AdapterError(
+            f"{file} does not fit {CONFIG_FILE}: missing {missing[:4]}, unexpected {extra[:4]}"
+        )
+    for name, value in weights.items():
+        if value.shape != expected[name].shape:
+            raise AdapterError(
+                f"{file}: {name} has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(expected[name].shape)}"
+            )
+    model.load_weights(list(weights.items()), strict=False)
+
+
+def apply_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
+    """Wrap the layers named in adapter_config.json with LoRA and load adapters.safetensors."""
+    config = read_adapter_config(adapter_path)
+    try:
+        add_lora(model, config["modules"], config["lora_parameters"])
+    except ValueError as e:
+        raise AdapterError(f"{Path(adapter_path) / CONFIG_FILE}: {e}") from e
+    load_adapter_weights(model, Path(adapter_path) / ADAPTER_FILE)
+    return model
+
+
+def image_kwargs(no_image_splitting: bool, longest_edge: int | None, max_tiles: int | None) -> dict:
+    """Processor keyword arguments for the image options."""
+    kwargs: dict[str, Any] = {}
+    if no_image_splitting:
+        kwargs["do_image_splitting"] = False
+    if longest_edge is not None:
+        kwargs["longest_edge"] = longest_edge
+    if max_tiles is not None:
+        kwargs["max_tiles"] = max_tiles
+    return kwargs
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="Hub repo id or local path (quantized: QLoRA).",
+)
+@click.option(
+    "--data",
+    required=True,
+    help="Directory with train.jsonl (and valid.jsonl), or a training JSONL file.",
+)
+@click.option(
+    "--valid-data", default=None, help="Validation JSONL file (default: valid.jsonl beside --data)."
+)
+@click.option(
+    "--iters",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Training steps [default: 1000 unless --epochs].",
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Passes over the training set instead of --iters.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Records per step.",
+)
+@click.option(
+    "--learning-rate", type=float, default=1e-4, show_default=True, help="Adam learning rate."
+)
+@click.option(
+    "--lora-rank", type=click.IntRange(min=1), default=8, show_default=True, help="LoRA rank r."
+)
+@click.option(
+    "--lora-alpha",
+    type=float,
+    default=16.0,
+    show_default=True,
+    help="LoRA alpha (scale = alpha / r).",
+)
+@click.option(
+    "--lora-dropout",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.0,
+    show_default=True,
+    help="Dropout on the LoRA input.",
+)
+@click.option(
+    "--lora-layers",
+    type=int,
+    default=-1,
+    show_default=True,
+    help="Adapt the last N decoder blocks (-1: all).",
+)
+@click.option(
+    "--target-modules",
+    default="all",
+    show_default=True,
+    help="Comma-separated layer names (q_proj,v_proj,...) or 'all' linear layers.",
+)
+@click.option(
+    "--train-vision", is_flag=True, help="LoRA on the vision tower and the connector too."
+)
+@click.option(
+    "--grad-checkpoint",
+    is_flag=True,
+    help="Recompute decoder activations in the backward pass (less memory).",
+)
+@click.option(
+    "--max-seq-length",
+    type=click.IntRange(min=2),
+    default=2048,
+    show_default=True,
+    help="Longer records are an error (never truncated).",
+)
+@click.option(
+    "--save-every",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Checkpoint every N steps (and at the end).",
+)
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --adapter-path.")
+@click.option(
+    "--adapter-path",
+    default="adapters",
+    show_default=True,
+    help="Output directory for adapters and checkpoints.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed for LoRA init, data order and dropout.",
+)
+@click.option(
+    "--steps-per-eval",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Validation loss every N steps.",
+)
+@click.option(
+    "--val-batches",
+    type=int,
+    default=25,
+    show_default=True,
+    help="Validation batches per evaluation (-1: all).",
+)
+@click.option(
+    "--train-on-all",
+    is_flag=True,
+    help="Loss on every text token, not only the assistant's answers.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default=None,
+    help="Compute dtype of the base model.",
+)
+@click.option("--no-image-splitting", is_flag=True, help="Encode each image as one tile.")
+@click.option(
+    "--longest-edge",
+    type=int,
+    default=None,
+    help="Resize images to this longest edge before tiling.",
+)
+@click.option("--max-tiles", type=int, default=None, help="At most this many tiles per image.")
+def main(**options: Any) -> None:
+    """Fine-tune LoRA adapters for a SmolVLM model on image-text conversations."""
+    from .trainer import TrainingError, run_training
+
+    try:
+        run_training(**options)
+    except (TrainingError, AdapterError, FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+
+
+if __name__ == "__main__":
+    main()
