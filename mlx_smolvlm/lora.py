@@ -21,9 +21,7 @@ from mlx_lm.tuner.lora import LoRALinear
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
 ADAPTER_FORMAT = "mlx-smolvlm-lora"
-# Every linear layer of a block when --target-modules is "all".
-TEXT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-VISION_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+LINEAR = (nn.Linear, nn.QuantizedLinear)
 CONNECTOR_MODULE = "connector.modality_projection.proj"
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
 
@@ -33,7 +31,7 @@ class AdapterError(ValueError):
 
 
 def parse_targets(target_modules: str | list[str] | tuple[str, ...]) -> list[str] | None:
-    """Module names from a comma-separated string; None means every linear layer."""
+    """Module names from a comma-separated string; None ("all") means every linear layer."""
     if isinstance(target_modules, str):
         target_modules = [t.strip() for t in target_modules.split(",")]
     targets = [t for t in target_modules if t]
@@ -48,42 +46,30 @@ def select_modules(
     target_modules: str | list[str] = "all",
     train_vision: bool = False,
 ) -> list[str]:
-    """Paths of the linear layers to put LoRA on: the last `num_layers` decoder blocks (-1:
-    all), and with `train_vision` every vision block and the connector."""
-    targets = parse_targets(target_modules)
-    layers = model.language_model.layers
-    count = len(layers) if num_layers < 0 else min(num_layers, len(layers))
-    blocks = [
-        (f"language_model.layers.{i}", TEXT_MODULES)
-        for i in range(len(layers) - count, len(layers))
-    ]
+    """Paths of the linear layers to put LoRA on: those named by `target_modules` in the
+    last `num_layers` decoder blocks (-1: all), and with `train_vision` in every vision
+    block plus the connector's projection."""
+    decoder = model.language_model.layers
+    first = 0 if num_layers < 0 else max(len(decoder) - num_layers, 0)
+    blocks = [f"language_model.layers.{i}." for i in range(first, len(decoder))]
     if train_vision:
         vision = model.vision_model.encoder.layers
-        blocks += [(f"vision_model.encoder.layers.{i}", VISION_MODULES) for i in range(len(vision))]
-    wanted = targets or sorted(set(TEXT_MODULES + VISION_MODULES))
-    paths = [
+        blocks += [f"vision_model.encoder.layers.{i}." for i in range(len(vision))]
+    candidates = [
         path
         for path, module in model.named_modules()
-        if isinstance(module, (nn.Linear, nn.QuantizedLinear))
-        and any(_in_block(path, block, names, wanted) for block, names in blocks)
+        if isinstance(module, LINEAR) and path.startswith(tuple(blocks))
     ]
-    if targets:
-        matched = {t for t in targets if any(_matches(p, t) for p in paths)}
-        if unmatched := [t for t in targets if t not in matched]:
-            raise ValueError(
-                f"--target-modules {unmatched} match no linear layer; known names: "
-                f"{', '.join(sorted(set(TEXT_MODULES + (VISION_MODULES if train_vision else ()))))}"
-            )
+    targets = parse_targets(target_modules)
+    paths = candidates
+    if targets is not None:
+        if unmatched := [t for t in targets if not any(_matches(p, t) for p in candidates)]:
+            known = sorted({p.rsplit(".", 1)[-1] for p in candidates})
+            raise ValueError(f"--target-modules {unmatched} match no layer; known names: {known}")
+        paths = [p for p in candidates if any(_matches(p, t) for t in targets)]
     if train_vision:
         paths.append(CONNECTOR_MODULE)  # the projection into the decoder always adapts
     return sorted(paths)
-
-
-def _in_block(path: str, block: str, names: tuple[str, ...], wanted: list[str]) -> bool:
-    """Whether `path` is a linear layer of `block` that the targets ask for."""
-    if not path.startswith(block + "."):
-        return False
-    return path.rsplit(".", 1)[-1] in names and any(_matches(path, t) for t in wanted)
 
 
 def _matches(path: str, target: str) -> bool:
@@ -102,7 +88,7 @@ def add_lora(model: nn.Module, modules: list[str], params: dict[str, Any]) -> No
     wrapped = []
     for path in modules:
         layer = found.get(path)
-        if not isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
+        if not isinstance(layer, LINEAR):
             kind = "missing" if layer is None else type(layer).__name__
             raise ValueError(f"cannot put LoRA on {path}: it is {kind}, not a linear layer")
         lora = LoRALinear.from_base(
@@ -206,18 +192,6 @@ def apply_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
         raise AdapterError(f"{Path(adapter_path) / CONFIG_FILE}: {e}") from e
     load_adapter_weights(model, Path(adapter_path) / ADAPTER_FILE)
     return model
-
-
-def image_kwargs(no_image_splitting: bool, longest_edge: int | None, max_tiles: int | None) -> dict:
-    """Processor keyword arguments for the image options."""
-    kwargs: dict[str, Any] = {}
-    if no_image_splitting:
-        kwargs["do_image_splitting"] = False
-    if longest_edge is not None:
-        kwargs["longest_edge"] = longest_edge
-    if max_tiles is not None:
-        kwargs["max_tiles"] = max_tiles
-    return kwargs
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -364,6 +338,11 @@ def main(**options: Any) -> None:
         run_training(**options)
     except (TrainingError, AdapterError, FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from e
+    except KeyboardInterrupt:
+        raise click.ClickException(
+            f"interrupted: rerun with --resume to continue from the last checkpoint in "
+            f"{options['adapter_path']}"
+        ) from None
 
 
 if __name__ == "__main__":

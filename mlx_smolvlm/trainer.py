@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from jinja2 import TemplateError
 from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.models.base import create_attention_mask
 from PIL import ExifTags, Image, UnidentifiedImageError
@@ -35,7 +36,6 @@ from .image_processing import (
 )
 from .lora import (
     ADAPTER_FORMAT,
-    CONFIG_FILE,
     adapter_weights,
     add_lora,
     atomic_save_safetensors,
@@ -139,32 +139,37 @@ def conversation(messages: Any, listed: list[Any]) -> tuple[list[dict], list[Any
     pending = iter(listed)
     out, sources = [], []
     for message in messages:
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise ValueError(f"every message needs a role among {ROLES}: got {message!r:.80}")
-        content = message.get("content")
-        if isinstance(content, str):
-            out.append({"role": message["role"], "content": content})
-            continue
-        if not isinstance(content, list):
-            raise ValueError(f"a {message['role']} message's content must be a string or a list")
-        blocks = []
-        for block in content:
-            if isinstance(block, dict) and block.get("type") in ("image", "image_url"):
-                if message["role"] == "assistant":
-                    raise ValueError("images in assistant messages are not supported")
-                source = _block_source(block)
-                sources.append(source if source is not None else next(pending, None))
-                blocks.append({"type": "image"})
-            elif isinstance(block, dict) and block.get("type") == "text":
-                blocks.append({"type": "text", "text": str(block.get("text", ""))})
-            else:
-                raise ValueError(f"unknown content block {block!r:.80}")
-        out.append({"role": message["role"], "content": blocks})
+        message, named = checked_message(message)
+        out.append(message)
+        sources += [s if s is not None else next(pending, None) for s in named]
     if None in sources or next(pending, None) is not None:
         raise ValueError(f"{len(sources)} image blocks but {len(listed)} listed images")
     if not any(m["role"] == "assistant" for m in out):
         raise ValueError("no assistant message to learn from")
     return out, sources
+
+
+def checked_message(message: Any) -> tuple[dict, list[Any]]:
+    """A message with its image blocks reduced to placeholders, and their sources (None
+    for a bare placeholder)."""
+    if not isinstance(message, dict) or message.get("role") not in ROLES:
+        raise ValueError(f"every message needs a role among {ROLES}: got {message!r:.80}")
+    role, content = message["role"], message.get("content")
+    if isinstance(content, str):
+        return {"role": role, "content": content}, []
+    if not isinstance(content, list) or not content:
+        raise ValueError(f"a {role} message's content must be a string or a non-empty list")
+    blocks, sources = [], []
+    for block in content:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind in ("image", "image_url") and role != "assistant":
+            sources.append(_block_source(block))
+            blocks.append({"type": "image"})
+        elif kind == "text":
+            blocks.append({"type": "text", "text": str(block.get("text", ""))})
+        else:
+            raise ValueError(f"unsupported {role} content block {block!r:.80}")
+    return {"role": role, "content": blocks}, sources
 
 
 def _block_source(block: dict) -> Any:
@@ -332,7 +337,7 @@ def load_dataset(
                     "fewer or smaller images, e.g. --no-image-splitting / --max-tiles)"
                 )
             samples.append(Sample(ids, mask, images, grids, f"{file}:{number}"))
-        except ValueError as e:
+        except (ValueError, TemplateError) as e:
             problems.append(f"{file}:{number}: {e}")
     if problems:
         shown = "\n  ".join(problems[:MAX_REPORTED_PROBLEMS])
@@ -522,7 +527,10 @@ def restore_checkpoint(
         raise TrainingError(
             f"--resume: {adapter_path / STATE_FILE} lacks optimizer state {missing[:4]}"
         )
-    optimizer.state = tree_map_with_path(lambda path, _: saved[path], optimizer.state)
+    # The learning rate is this run's option; everything else continues where it stopped.
+    optimizer.state = tree_map_with_path(
+        lambda path, value: value if path == "learning_rate" else saved[path], optimizer.state
+    )
     return int(metadata["step"]), json.loads(metadata["history"])
 
 
@@ -592,7 +600,8 @@ def train(
     validate = partial(
         evaluate, model, valid_set, processor, args.batch_size, args.val_batches, image_kwargs
     )
-    if valid_set and step == 0:
+    validating = bool(valid_set) and args.val_batches != 0
+    if validating and step == 0:
         history.append({"step": 0, "val_loss": validate()})
     model.train()
     start, tokens = time.perf_counter(), 0
@@ -606,7 +615,7 @@ def train(
         optimizer.update(model, grads)
         mx.eval(loss, model.trainable_parameters(), optimizer.state)
         record = {"step": step, "train_loss": loss.item()}
-        if valid_set and (step % args.steps_per_eval == 0 or step == args.iters):
+        if validating and (step % args.steps_per_eval == 0 or step == args.iters):
             record["val_loss"] = validate()
         history.append(record)
         tokens += batch.tokens
@@ -652,6 +661,20 @@ def plot_loss_curve(history: list[dict], file: Path) -> None:
 # Command line glue
 
 
+def cli_image_kwargs(
+    no_image_splitting: bool, longest_edge: int | None, max_tiles: int | None
+) -> dict:
+    """Processor keyword arguments for the image options."""
+    kwargs: dict[str, Any] = {}
+    if no_image_splitting:
+        kwargs["do_image_splitting"] = False
+    if longest_edge is not None:
+        kwargs["longest_edge"] = longest_edge
+    if max_tiles is not None:
+        kwargs["max_tiles"] = max_tiles
+    return kwargs
+
+
 def run_training(
     model: str,
     data: str,
@@ -683,11 +706,10 @@ def run_training(
 ) -> list[dict]:
     """Everything `python -m mlx_smolvlm.lora` does: check data, add LoRA, train, save."""
     from .loading import get_model_path, load_model
-    from .lora import image_kwargs as make_image_kwargs
 
     if iters is not None and epochs is not None:
         raise TrainingError("give --iters or --epochs, not both")
-    kwargs = make_image_kwargs(no_image_splitting, longest_edge, max_tiles)
+    kwargs = cli_image_kwargs(no_image_splitting, longest_edge, max_tiles)
     path = get_model_path(model)
     processor = Processor.from_pretrained(path)
     train_file, valid_file = data_files(data, valid_data)
@@ -733,5 +755,5 @@ def run_training(
     history = train(
         vlm, processor, train_set, valid_set, args, adapter_path, config, kwargs, resume, progress
     )
-    print(f"Adapters saved to {Path(adapter_path) / CONFIG_FILE} and its weights beside it")
+    print(f"Saved adapters to {adapter_path}")
     return history
