@@ -68,24 +68,38 @@ def resolve_dtype(dtype: str | mx.Dtype | None, stored: str | None = None) -> mx
 
 
 def quantize_like(model: Model, config: dict, weights: dict[str, mx.array]) -> None:
-    """Swap in quantized layers wherever the checkpoint stores quantized weights."""
+    """Swap in quantized layers as the checkpoint's `quantization` config describes them.
+
+    A per-layer entry (`false`, or a dict of `to_quantized` parameters, as mlx-lm and mlx-vlm
+    write them) decides for its layer; any other layer is quantized when its `.scales` are
+    stored, which also reads checkpoints that list no per-layer entries.
+    """
     quantization = config.get("quantization") or config.get("quantization_config")
     if not quantization:
         return
+    if "bits" not in quantization or "group_size" not in quantization:
+        method = quantization.get("quant_method", "unknown")
+        raise ValueError(
+            f"quantization config {method!r} is not an MLX one (it needs bits and group_size): "
+            "convert the original float checkpoint instead"
+        )
+    defaults = {
+        "group_size": quantization["group_size"],
+        "bits": quantization["bits"],
+        "mode": quantization.get("mode", "affine"),
+    }
 
-    def predicate(path: str, module: nn.Module):
-        if f"{path}.scales" not in weights:
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        if not hasattr(module, "to_quantized"):
             return False
         override = quantization.get(path)
-        return override if isinstance(override, dict) else True
+        if isinstance(override, dict):
+            return {**defaults, **override}
+        if isinstance(override, bool):
+            return override
+        return f"{path}.scales" in weights
 
-    nn.quantize(
-        model,
-        group_size=quantization["group_size"],
-        bits=quantization["bits"],
-        mode=quantization.get("mode", "affine"),
-        class_predicate=predicate,
-    )
+    nn.quantize(model, **defaults, class_predicate=predicate)
 
 
 def check_weights(model: Model, weights: dict[str, mx.array], model_path: Path) -> None:
