@@ -257,6 +257,19 @@ def test_training_lowers_loss_and_learns_the_captions(trained, checkpoint, data)
         assert out.text.strip() == f"A {name} square."
 
 
+def test_generate_cli_applies_adapters(trained, checkpoint, data):
+    from mlx_smolvlm.generate import main as generate_main
+
+    adapters, _ = trained
+    args = ["--model", str(checkpoint), "--adapter-path", str(adapters), "--prompt", PROMPT,
+            "--image", str(data / "images" / "green.png"), "--no-image-splitting", "--quiet"]  # fmt: skip
+    result = CliRunner().invoke(generate_main, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "A green square."
+    result = CliRunner().invoke(generate_main, [*args[:2], "--adapter-path", str(data)])
+    assert result.exit_code != 0 and "adapter_config.json not found" in result.output
+
+
 def test_adapter_files_and_loading(trained, checkpoint):
     adapters, _ = trained
     config = json.loads((adapters / "adapter_config.json").read_text())
@@ -304,6 +317,19 @@ def test_resume_matches_an_uninterrupted_run(checkpoint, data, tmp_path, monkeyp
         assert np.array_equal(np.array(straight[key]), np.array(resumed[key])), key
 
 
+def test_module_selection_by_layers_and_names(checkpoint):
+    model = load(checkpoint)[0]
+    assert len(select_modules(model)) == 14
+    last = select_modules(model, num_layers=1, target_modules="self_attn.q_proj, down_proj")
+    assert last == [
+        "language_model.layers.1.mlp.down_proj",
+        "language_model.layers.1.self_attn.q_proj",
+    ]
+    assert select_modules(model, num_layers=0) == []
+    with pytest.raises(ValueError, match=r"\['qkv'\] match no layer; known names: .*'gate_proj'"):
+        select_modules(model, target_modules="q_proj,qkv")
+
+
 def test_grad_checkpoint_gives_the_same_loss_and_gradients(checkpoint, processor, data):
     model = load(checkpoint)[0]
     model.freeze()
@@ -340,9 +366,8 @@ def test_train_vision_adapts_and_trains_the_vision_tower(checkpoint, processor, 
     for name, grad in tree_flatten(grads):
         if name.endswith("lora_b"):
             assert np.abs(np.array(grad)).max() > 0, name
-    run_training(
-        **train_args(checkpoint, data, tmp_path, iters=2, train_vision=True, val_batches=0)
-    )
+    history = run_training(**train_args(checkpoint, data, tmp_path, epochs=2, train_vision=True))
+    assert [h["step"] for h in history if "train_loss" in h] == [1, 2]  # 4 records, batch 4
     saved = mx.load(str(tmp_path / "adapters.safetensors"))
     vision_b = [
         v
