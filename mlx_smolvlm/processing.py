@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +21,13 @@ import tokenizers
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .image_processing import ImageProcessor, fetch_image
+from .image_processing import ImageProcessor, _pad, fetch_image
+from .video_processing import (
+    VIDEO_CHAT_TEMPLATE,
+    VIDEO_TOKEN,
+    VideoProcessor,
+    video_prompt_string,
+)
 
 IMAGE_TOKEN = "<image>"
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
@@ -41,8 +48,8 @@ _CLEAN_UP = {
     " 're": "'re",
 }
 
-# Content-block keys that carry an image source in transformers-style messages.
-_IMAGE_SOURCE_KEYS = ("image", "url", "path")
+# Content-block keys that carry an image or video source in transformers-style messages.
+_SOURCE_KEYS = {"image": ("image", "url", "path"), "video": ("video", "url", "path")}
 
 
 def _read_json(file: Path) -> dict[str, Any]:
@@ -310,23 +317,34 @@ def _normalize_block(block: Any) -> Any:
     return block
 
 
-def _image_sources(messages: list[dict[str, Any]]) -> list[Any]:
-    """Image sources carried by image blocks, in order (blocks without one are skipped)."""
+def _media_sources(messages: list[dict[str, Any]], media: str = "image") -> list[Any]:
+    """Sources carried by `media` ("image" or "video") blocks, in order (blocks without one are skipped)."""
     sources = []
     for message in messages:
         for block in message.get("content") or []:
-            if isinstance(block, dict) and block.get("type") == "image":
-                source = next((block[k] for k in _IMAGE_SOURCE_KEYS if k in block), None)
+            if isinstance(block, dict) and block.get("type") == media:
+                source = next((block[k] for k in _SOURCE_KEYS[media] if k in block), None)
                 if source is not None:
                     sources.append(source)
     return sources
 
 
+def _has_video(messages: list[dict[str, Any]]) -> bool:
+    """Whether any message holds a video block."""
+    return any(
+        isinstance(block, dict) and block.get("type") == "video"
+        for message in messages
+        for block in message.get("content") or []
+    )
+
+
 def build_messages(
-    prompt: str, num_images: int = 0, system: str | None = None
+    prompt: str, num_images: int = 0, system: str | None = None, num_videos: int = 0
 ) -> list[dict[str, Any]]:
-    """Messages for a plain text prompt with `num_images` images in front of it."""
-    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
+    """Messages for a plain text prompt with `num_videos` videos, then `num_images` images, in front of it."""
+    content = [{"type": "video"} for _ in range(num_videos)]
+    content += [{"type": "image"} for _ in range(num_images)]
+    content.append({"type": "text", "text": prompt})
     messages = [{"role": "user", "content": content}]
     if system is not None:
         messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
@@ -395,6 +413,39 @@ def _check_total(counts: list[int], num_images: int) -> None:
     )
 
 
+def _arrange_videos(prompts: list[str], videos: Any) -> list[list[Any]]:
+    """Spread a flat list of videos over the prompts by their <video> placeholder counts."""
+    counts = [p.count(VIDEO_TOKEN) for p in prompts]
+    if videos is None:
+        videos = []
+    elif not isinstance(videos, (list, tuple)):
+        videos = [videos]
+    if sum(counts) != len(videos):
+        raise ValueError(
+            f"The prompts have {sum(counts)} {VIDEO_TOKEN} placeholder(s) (per prompt {counts}) "
+            f"but {len(videos)} video(s) were given"
+        )
+    starts = np.cumsum([0, *counts]).tolist()
+    return [list(videos[a:b]) for a, b in zip(starts[:-1], starts[1:])]
+
+
+_MEDIA_PLACEHOLDER = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})")
+
+
+def _expand_media(
+    prompt: str, images: list[tuple[str, np.ndarray]], videos: list[tuple[str, np.ndarray]]
+) -> tuple[str, list[np.ndarray]]:
+    """Replace each <image> and <video> by its (text, frames) item; frames follow the text order."""
+    pending = {IMAGE_TOKEN: iter(images), VIDEO_TOKEN: iter(videos)}
+    text, frames = [], []
+    for piece in _MEDIA_PLACEHOLDER.split(prompt):
+        if piece in pending:
+            piece, pixels = next(pending[piece])
+            frames.extend(pixels)
+        text.append(piece)
+    return "".join(text), frames
+
+
 def _pad_left(ids: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
     """Left-pad sequences to the longest one; returns (ids, attention_mask)."""
     length = max(len(seq) for seq in ids)
@@ -438,8 +489,8 @@ class Processor:
     chat_template: str | None = None
     model_type: str = "idefics3"
     image_token_id: int | None = None
-    # Hook for SmolVLM2 video input (mlx_smolvlm.video_processing sets it).
-    video_processor: Any = None
+    # SmolVLM2 video input; None for checkpoints without `video_sampling` (SmolVLM 1).
+    video_processor: VideoProcessor | None = None
 
     def __post_init__(self) -> None:
         token_id = self.tokenizer.backend.token_to_id(IMAGE_TOKEN)
@@ -470,6 +521,7 @@ class Processor:
             "chat_template": lambda: _load_chat_template(path),
             "model_type": lambda: config.get("model_type", "idefics3"),
             "image_token_id": lambda: config.get("image_token_id"),
+            "video_processor": lambda: VideoProcessor.from_pretrained(path),
         }
         # Only load what is not overridden, so e.g. a given chat_template skips the file lookup.
         fields = {name: load() for name, load in loaded.items() if name not in overrides}
@@ -481,17 +533,31 @@ class Processor:
         images: Any = None,
         return_tensors: str | None = "np",
         padding: bool = True,
+        *,
+        videos: Any = None,
+        fps: float | None = None,
+        max_frames: int | None = None,
+        do_sample_frames: bool = True,
         **image_kwargs: Any,
     ) -> dict[str, Any]:
-        """Expand <image> placeholders, tokenize and process images.
+        """Expand <image> and <video> placeholders, tokenize and process images and videos.
 
         Several prompts are padded on the LEFT with the tokenizer's pad id (generation
         appends on the right); transformers pads on the right unless told otherwise.
+        Videos (file paths or `Video`s) are sampled at `fps`, at most `max_frames` frames
+        (the checkpoint's video_sampling by default), as transformers does in
+        apply_chat_template; its bare processor call keeps every frame unless asked to sample.
         """
         prompts = [text] if isinstance(text, str) else list(text)
         out: dict[str, Any] = {}
         groups = _arrange_images(prompts, [] if images is None else images)
-        if any(groups):
+        video_groups = self._arrange_videos(prompts, videos)
+        if any(video_groups):
+            sampling = {"fps": fps, "max_frames": max_frames, "sample": do_sample_frames}
+            prompts, out = self._process_media(
+                prompts, groups, video_groups, image_kwargs, sampling
+            )
+        elif any(groups):
             groups = [[fetch_image(x) for x in g] for g in groups]
             processed = self.image_processor(groups, **image_kwargs)
             prompts = self._expand_prompts(prompts, processed["rows"], processed["cols"])
@@ -505,6 +571,50 @@ class Processor:
         else:
             mask = [[1] * len(seq) for seq in ids]
         return _to_tensors({"input_ids": ids, "attention_mask": mask, **out}, return_tensors)
+
+    def _arrange_videos(self, prompts: list[str], videos: Any) -> list[list[Any]]:
+        """Videos per prompt; without a video processor "<video>" is plain text."""
+        if self.video_processor is None:
+            if videos is not None:
+                raise ValueError(
+                    "This checkpoint has no video settings (video_sampling in "
+                    "preprocessor_config.json): use a SmolVLM2 checkpoint for video input"
+                )
+            return [[] for _ in prompts]
+        return _arrange_videos(prompts, videos)
+
+    def _process_media(
+        self,
+        prompts: list[str],
+        image_groups: list[list[Any]],
+        video_groups: list[list[Any]],
+        image_kwargs: dict[str, Any],
+        sampling: dict[str, Any],
+    ) -> tuple[list[str], dict[str, Any]]:
+        """Expand images and videos in prompt order, with pixel_values holding frames in that order."""
+        # transformers keeps image and video pixels under one key and the videos' overwrite
+        # the images'; here both stay, in the order their tokens appear.
+        frame_prompt = image_prompt_string(0, 0, self.image_seq_len)
+        texts, frames = [], []
+        for prompt, images, videos in zip(prompts, image_groups, video_groups):
+            image_items = [self._image_item(image, image_kwargs) for image in images]
+            video_items = []
+            for source in videos:
+                video = self.video_processor.load(source, **sampling)
+                video_items.append(
+                    (video_prompt_string(video, frame_prompt), self.video_processor(video))
+                )
+            text, sample_frames = _expand_media(prompt, image_items, video_items)
+            texts.append(text)
+            frames.append(sample_frames)
+        pixel_values, mask = _pad(frames)
+        return texts, {"pixel_values": pixel_values, "pixel_attention_mask": mask}
+
+    def _image_item(self, image: Any, image_kwargs: dict[str, Any]) -> tuple[str, np.ndarray]:
+        """One image's prompt string and tiles."""
+        processed = self.image_processor([[fetch_image(image)]], **image_kwargs)
+        rows, cols = processed["rows"][0][0], processed["cols"][0][0]
+        return image_prompt_string(rows, cols, self.image_seq_len), processed["pixel_values"][0]
 
     def _expand_prompts(
         self, prompts: list[str], rows: list[list[int]], cols: list[list[int]]
@@ -521,17 +631,23 @@ class Processor:
         add_generation_prompt: bool = True,
         tokenize: bool = False,
         chat_template: str | None = None,
+        fps: float | None = None,
+        max_frames: int | None = None,
         **kwargs: Any,
     ) -> str | list[int]:
         """Render messages with the checkpoint's jinja template; tokenize=True returns input ids.
 
-        With tokenize=True, image blocks must carry their source ("image", "url" or "path")
-        so that each <image> is expanded like the processor does.
+        With tokenize=True, image and video blocks must carry their source ("image"/"video",
+        "url" or "path") so that each is expanded like the processor does; videos are then
+        sampled with `fps` and `max_frames` (the checkpoint's video_sampling by default).
         """
-        template = chat_template or self.chat_template
+        conversation = [_normalize_message(m) for m in messages]
+        # Like transformers' SmolVLMProcessor: messages with a video get its video-aware
+        # template unless one is passed, since SmolVLM2 checkpoints' templates drop videos.
+        default = VIDEO_CHAT_TEMPLATE if _has_video(conversation) else self.chat_template
+        template = chat_template or default
         if template is None:
             raise ValueError("This processor has no chat template; pass chat_template=...")
-        conversation = [_normalize_message(m) for m in messages]
         special = {k: v for k, v in self.tokenizer.special_tokens.items() if v is not None}
         prompt = _compile_template(template).render(
             messages=_plain(conversation),
@@ -540,8 +656,17 @@ class Processor:
         )
         if not tokenize:
             return prompt
-        sources = _image_sources(conversation)
-        return self(prompt, images=sources or None, return_tensors=None)["input_ids"][0]
+        images = _media_sources(conversation, "image")
+        videos = _media_sources(conversation, "video")
+        out = self(
+            prompt,
+            images=images or None,
+            videos=videos or None,
+            return_tensors=None,
+            fps=fps,
+            max_frames=max_frames,
+        )
+        return out["input_ids"][0]
 
 
 def _image_seq_len(path: Path, config: dict[str, Any]) -> int:
