@@ -132,19 +132,50 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
+def videos_from_messages(messages: list[dict], extra: list[Any]) -> list[Any]:
+    """Sources of the messages' video parts; bare `{"type": "video"}` parts take `extra` in order."""
+    named = [
+        next((item[k] for k in ("video", "path", "url") if item.get(k) is not None), None)
+        for message in messages
+        if isinstance(message.get("content"), list)
+        for item in message["content"]
+        if item.get("type") == "video"
+    ]
+    if named.count(None) != len(extra):
+        raise ValueError(
+            f"the messages have {named.count(None)} video parts without a source "
+            f"but {len(extra)} videos were given"
+        )
+    pending = iter(extra)
+    return [next(pending) if src is None else src for src in named]
+
+
+def _as_list(value: Any) -> list[Any]:
+    """None -> [], a list or tuple -> a list, anything else -> [value]."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def prepare_inputs(
     processor: Any,
     prompt: str | list[dict],
     image: Any = None,
     system: str | None = None,
+    video: Any = None,
     **image_kwargs: Any,
 ) -> dict:
-    """Render the chat template for `prompt` and process it with its images."""
+    """Render the chat template for `prompt` and process it with its images and videos.
+
+    `video` (a file path or a `video_processing.Video`, or a list of them) goes before the
+    images of a string prompt, or fills the bare video parts of chat messages.
+    """
     from .processing import build_messages
 
-    extra = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+    extra = _as_list(image)
+    videos = _as_list(video)
     if isinstance(prompt, str):
-        messages = build_messages(prompt, len(extra), system)
+        messages = build_messages(prompt, len(extra), system, num_videos=len(videos))
         images = extra
     else:
         messages = normalize_messages(prompt)
@@ -162,8 +193,15 @@ def prepare_inputs(
                 f"{len(extra) + len(named) - images.count(None)} images were given"
             )
         images += list(pending)
+        videos = videos_from_messages(messages, videos)
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    return processor(text=text, images=images or None, return_tensors="np", **image_kwargs)
+    return processor(
+        text=text,
+        images=images or None,
+        videos=videos or None,
+        return_tensors="np",
+        **image_kwargs,
+    )
 
 
 def stream_generate(
@@ -185,9 +223,14 @@ def stream_generate(
     prompt_cache: PromptCache | None = None,
     prefill_step_size: int = 512,
     vision_chunk_size: int = 8,
+    video: Any = None,
     **image_kwargs: Any,
 ) -> Iterator[GenerationResult]:
-    """Yield a `GenerationResult` per generated token (`text` holds the new text segment)."""
+    """Yield a `GenerationResult` per generated token (`text` holds the new text segment).
+
+    `video` adds a video (SmolVLM2); `fps` and `max_frames` in `image_kwargs` override the
+    checkpoint's frame sampling.
+    """
     if seed is not None:
         mx.random.seed(seed)
     if kv_bits is not None and max_kv_size is not None:
@@ -198,7 +241,7 @@ def stream_generate(
     kv_group_size = kv_group_size or min(64, model.config.text_config.head_dim)
     tokenizer = processor.tokenizer
     start = time.perf_counter()
-    inputs = prepare_inputs(processor, prompt, image, system, **image_kwargs)
+    inputs = prepare_inputs(processor, prompt, image, system, video=video, **image_kwargs)
     ids = [int(t) for t in inputs["input_ids"][0]]
     prompt_cache = prompt_cache or PromptCache(model, max_kv_size)
     config = model.config
@@ -366,7 +409,12 @@ def load_images(paths: tuple[str, ...], resize_shape: tuple[int, int] | None) ->
     "--model", default=DEFAULT_MODEL, show_default=True, help="Hub repo id or local path."
 )
 @click.option("--image", multiple=True, help="Image path or URL; repeat for several images.")
-@click.option("--prompt", default="Describe this image.", show_default=True, help="The question.")
+@click.option("--video", default=None, help="Video file (mp4, mov, webm, gif...); needs PyAV.")
+@click.option("--fps", type=float, default=None, help="Video frames sampled per second [1].")
+@click.option("--max-frames", type=int, default=None, help="Most video frames sampled [64].")
+@click.option(
+    "--prompt", default=None, help="The question [Describe this image. / Describe this video.]"
+)
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--max-tokens", default=256, show_default=True, help="Most tokens to generate.")
 @click.option("--temperature", "--temp", default=0.0, show_default=True, help="0 is greedy.")
@@ -395,6 +443,9 @@ def load_images(paths: tuple[str, ...], resize_shape: tuple[int, int] | None) ->
 def main(
     model,
     image,
+    video,
+    fps,
+    max_frames,
     prompt,
     system,
     max_tokens,
@@ -415,9 +466,14 @@ def main(
     max_kv_size,
     verbose,
 ):
-    """Answer PROMPT about the given images with a SmolVLM model, streaming the text."""
+    """Answer PROMPT about the given images or video with a SmolVLM model, streaming the text."""
     from .loading import load
 
+    if video is None and (fps is not None or max_frames is not None):
+        raise click.UsageError("--fps and --max-frames apply to --video")
+    prompt = prompt or ("Describe this video." if video else "Describe this image.")
+    # Unset sampling options fall back to the checkpoint's video_sampling.
+    sampling = {k: v for k, v in {"fps": fps, "max_frames": max_frames}.items() if v is not None}
     try:
         images = load_images(image, resize_shape)
         vlm, processor = load(model, adapter_path=adapter_path, dtype=dtype)
@@ -437,13 +493,15 @@ def main(
             system=system,
             kv_bits=int(kv_bits) if kv_bits else None,
             max_kv_size=max_kv_size,
+            video=video,
+            **sampling,
             **image_kwargs_from_cli(
                 resize_shape, no_image_splitting, longest_edge, max_tiles, no_upscale
             ),
         ):
             print(result.text, end="", flush=True)
         print()
-    except (FileNotFoundError, ValueError, OSError) as e:
+    except (FileNotFoundError, ValueError, OSError, ImportError) as e:
         raise click.ClickException(str(e)) from e
     if verbose:
         print_stats(result)
