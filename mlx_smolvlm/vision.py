@@ -7,6 +7,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import VisionConfig
+from .cpu_kernels import gelu_tanh
 
 
 def patch_position_ids(patch_mask: np.ndarray, patches_per_side: int) -> np.ndarray:
@@ -65,7 +66,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(nn.gelu_approx(self.fc1(x)))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 class EncoderLayer(nn.Module):
