@@ -32,8 +32,8 @@ SIDE_FILES = ("*.json", "*.txt", "*.jinja", "tokenizer.model")
 NOT_COPIED = {"config.json", "model.safetensors.index.json"}
 
 
-def fuse_lora(model: nn.Module, dequantize: bool = False) -> int:
-    """Replace every LoRA layer by a plain (or re-quantized) linear layer; return how many."""
+def fuse_lora(model: nn.Module, dequantize: bool = False) -> None:
+    """Replace every LoRA layer by a plain (or re-quantized) linear layer."""
     fused = [
         (name, m.fuse(dequantize=dequantize))
         for name, m in model.named_modules()
@@ -41,7 +41,6 @@ def fuse_lora(model: nn.Module, dequantize: bool = False) -> int:
     ]
     if fused:
         model.update_modules(tree_unflatten(fused))
-    return len(fused)
 
 
 def stored_dtype(raw: dict) -> str:

@@ -375,6 +375,8 @@ def test_train_vision_adapts_and_trains_the_vision_tower(checkpoint, processor, 
         if k.startswith(("vision", "connector")) and k.endswith("lora_b")
     ]
     assert len(vision_b) == 13 and all(np.abs(np.array(v)).max() > 0 for v in vision_b)
+    fused = fuse_cli.fuse(checkpoint, tmp_path, tmp_path / "fused")
+    assert fused_logits_gap(checkpoint, tmp_path, fused, processor, data) <= 1e-5
 
 
 def test_qlora_trains_on_a_quantized_model(quantized_checkpoint, data, tmp_path):
