@@ -93,7 +93,6 @@ class _Sequence:
 
     def __post_init__(self) -> None:
         self.longest_stop = max(map(len, self.params.stop), default=0)
-        self.detokenizer.reset()
 
     @property
     def done(self) -> bool:
@@ -154,17 +153,14 @@ def _attention_mask(cache: BatchKVCache, length: int) -> mx.array:
 def _sample(logits: mx.array, params: Sequence[SamplingParams]) -> mx.array:
     """One token per row, with each row's own sampler (one call when all rows agree)."""
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    keys = [(p.temperature, p.top_p, p.min_p, p.top_k) for p in params]
     samplers = {
-        p: make_sampler(temp=p.temperature, top_p=p.top_p, min_p=p.min_p, top_k=p.top_k)
-        for p in {replace(p, max_tokens=0, stop=()) for p in params}
+        key: make_sampler(temp=key[0], top_p=key[1], min_p=key[2], top_k=key[3])
+        for key in set(keys)
     }
     if len(samplers) == 1:
-        return next(iter(samplers.values()))(logprobs)
-    rows = [
-        samplers[replace(p, max_tokens=0, stop=())](logprobs[i : i + 1])
-        for i, p in enumerate(params)
-    ]
-    return mx.concatenate(rows)
+        return samplers[keys[0]](logprobs)
+    return mx.concatenate([samplers[key](logprobs[i : i + 1]) for i, key in enumerate(keys)])
 
 
 def _prefill(

@@ -229,15 +229,16 @@ def _download(url: str, max_bytes: int, where: str) -> bytes:
 
 
 def _local_file(url: str, limits: Limits, where: str) -> bytes:
-    """An image file inside the allow-listed directory."""
+    """An image file inside the allow-listed directory (relative paths start there)."""
     if limits.allowed_image_dir is None:
         raise ApiError(
             f"{where}: local image paths are disabled (start the server with "
             "--allowed-image-dir); send a data: or http(s) URL",
             param=where,
         )
-    path = Path(url.removeprefix("file://")).expanduser().resolve()
-    if not path.is_relative_to(limits.allowed_image_dir) or not path.is_file():
+    allowed = limits.allowed_image_dir.resolve()
+    path = (allowed / Path(url.removeprefix("file://")).expanduser()).resolve()
+    if not path.is_relative_to(allowed) or not path.is_file():
         raise ApiError(f"{where}: no image file {url} in the allowed directory", param=where)
     if path.stat().st_size > limits.max_image_bytes:
         raise _too_large(where, f"more than {limits.max_image_bytes} bytes")
@@ -631,7 +632,7 @@ def main(
         max_image_pixels=max_image_pixels,
         max_tokens_cap=max_tokens_cap,
         default_max_tokens=min(512, max_tokens_cap),
-        allowed_image_dir=allowed_image_dir.resolve() if allowed_image_dir else None,
+        allowed_image_dir=allowed_image_dir,
     )
     image_kwargs = image_kwargs_from_cli(None, no_image_splitting, longest_edge, max_tiles, False)
     vlm, processor = load(model, dtype=dtype)

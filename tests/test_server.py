@@ -208,6 +208,7 @@ def test_image_as_data_url_http_url_and_allowed_path(server, loaded, image_dir):
 
     by_path = answer(server, chat("What is this?", str(image_dir / "picture.png"), max_tokens=8))
     assert by_path == by_data
+    assert answer(server, chat("What is this?", "picture.png", max_tokens=8)) == by_data
     handler = partial(SimpleHTTPRequestHandler, directory=str(image_dir))
     with ThreadingHTTPServer(("127.0.0.1", 0), handler) as files:
         threading.Thread(target=files.serve_forever, daemon=True).start()
