@@ -118,7 +118,7 @@ def parse_request(body: bytes, limits: Limits) -> ChatRequest:
     if not isinstance(stream, bool):
         raise ApiError("stream must be true or false", param="stream")
     messages = _messages(data.get("messages"), limits)
-    return ChatRequest(messages, sampling, stream, _number(data, "seed", int, None, None, None))
+    return ChatRequest(messages, sampling, stream, _number(data, "seed", int, 0, 2**64 - 1, None))
 
 
 def _number(data: dict, key: str, kind: type, low: Any, high: Any, default: Any) -> Any:
@@ -129,8 +129,10 @@ def _number(data: dict, key: str, kind: type, low: Any, high: Any, default: Any)
     types = (int, float) if kind is float else (int,)
     if isinstance(value, bool) or not isinstance(value, types):
         raise ApiError(f"{key} must be a{'n integer' if kind is int else ' number'}", param=key)
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ApiError(f"{key} must be between {low} and {high}", param=key)
+    if low is not None and value < low:
+        raise ApiError(f"{key} must be at least {low}", param=key)
+    if high is not None and value > high:
+        raise ApiError(f"{key} must be at most {high}", param=key)
     return value
 
 

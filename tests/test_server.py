@@ -238,6 +238,7 @@ def assert_error(status: int, body: dict, expected: int) -> None:
         chat("hi", max_tokens="ten"),
         chat("hi", temperature=True),
         chat("hi", temperature=3),
+        chat("hi", seed=-1),
         chat("hi", stop=[1, 2]),
         chat("hi", stream="yes"),
         chat("hi", n=2),
@@ -261,6 +262,14 @@ def test_oversized_image_and_body_are_413(server):
     status, body = call(server, chat("x" * (MAX_BODY + 10)))
     assert_error(status, body, 413)
     assert answer(server, chat("Still there?", max_tokens=2))  # the server carries on
+
+
+def test_a_client_leaving_a_stream_does_not_disturb_the_server(server):
+    payload = json.dumps(chat("Tell me a long story.", max_tokens=CAP, stream=True)).encode()
+    response = request(server, "POST", "/v1/chat/completions", payload)
+    assert response.status == 200 and response.readline()
+    response.close()
+    assert answer(server, chat("Are you there?", max_tokens=3))
 
 
 def test_max_tokens_cap_stop_strings_and_seed(server):
