@@ -67,9 +67,7 @@ _SCALES = ((10**12, "trillion"), (10**9, "billion"), (10**6, "million"), (10**3,
 
 
 def number_to_words(n: int) -> str:
-    """An English cardinal spelled as num2words does: 'sixty-four', 'one thousand and one'."""
-    if n < 0:
-        return "minus " + number_to_words(-n)
+    """A count (n >= 0) in English words as num2words spells it: 'sixty-four', 'one thousand and one'."""
     groups = []
     for scale, name in _SCALES:
         head, n = divmod(n, scale)
@@ -292,6 +290,29 @@ def _decode(path: Path, keep: list[int]) -> tuple[list[int], list[np.ndarray]]:
 # The video processor
 
 
+def _video_config(path: Path) -> tuple[dict[str, Any], Path] | None:
+    """The first processor config of a checkpoint that has `video_sampling`, and its file."""
+    # transformers 5 saves one processor_config.json with a "video_processor" section;
+    # hub checkpoints have preprocessor_config.json (or video_preprocessor_config.json).
+    candidates = [
+        (path / "processor_config.json", "video_processor"),
+        (path / "video_preprocessor_config.json", None),
+        (path / "preprocessor_config.json", None),
+    ]
+    for file, section in candidates:
+        if not file.exists():
+            continue
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file} is not valid JSON: {err}") from err
+        if section is not None and isinstance(config, dict):
+            config = config.get(section)
+        if isinstance(config, dict) and isinstance(config.get("video_sampling"), dict):
+            return config, file
+    return None
+
+
 @dataclass
 class VideoProcessor:
     """Samples, decodes and turns videos into square normalized frames, as SmolVLM2 expects."""
@@ -301,23 +322,21 @@ class VideoProcessor:
     # Does the per-frame work: resize to the longest edge, then squash to one tile.
     frame_processor: ImageProcessor = field(
         default_factory=lambda: ImageProcessor(
-            size={"longest_edge": 512}, max_image_size={"longest_edge": 512}
+            size={"longest_edge": 512},
+            max_image_size={"longest_edge": 512},
+            do_image_splitting=False,
+            do_pad=False,
         )
     )
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> VideoProcessor | None:
         """The checkpoint's video settings, or None when it has no `video_sampling` (SmolVLM 1)."""
-        path = Path(path)
-        file = path / "video_preprocessor_config.json"
-        if not file.exists():
-            file = path / "preprocessor_config.json"
-        if not file.exists():
+        found = _video_config(Path(path))
+        if found is None:
             return None
-        config = json.loads(file.read_text(encoding="utf-8"))
-        sampling = config.get("video_sampling")
-        if not isinstance(sampling, dict):
-            return None
+        config, file = found
+        sampling = config["video_sampling"]
         # Like transformers: a top-level `size` (the image size in SmolVLM2 checkpoints)
         # replaces video_sampling's video_size.
         size = config.get("size") or sampling.get("video_size") or {"longest_edge": 512}

@@ -34,6 +34,7 @@ from mlx_smolvlm.processing import Processor, image_prompt_string
 from mlx_smolvlm.video_processing import (
     VIDEO_CHAT_TEMPLATE,
     Video,
+    VideoProcessor,
     load_video,
     number_to_words,
     sample_frame_indices,
@@ -416,6 +417,29 @@ def test_bad_video_files_fail_clearly(videos, tmp_path, processor):
         assert str(path) in str(caught.value)
         with pytest.raises(error, match=name):
             processor.apply_chat_template(video_message(path), tokenize=True)
+
+
+def test_video_settings_from_each_config_layout(tmp_path):
+    video = {"size": {"longest_edge": 1024}, "max_image_size": {"longest_edge": 384}}
+    video["video_sampling"] = {"fps": 2, "max_frames": 16, "video_size": {"longest_edge": 384}}
+    layouts = {
+        "preprocessor_config.json": video,
+        "video_preprocessor_config.json": video,
+        "processor_config.json": {"image_seq_len": 81, "video_processor": video},  # transformers 5
+    }
+    for name, config in layouts.items():
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        (folder / name).write_text(json.dumps(config))
+        loaded = VideoProcessor.from_pretrained(folder)
+        assert (loaded.fps, loaded.max_frames) == (2, 16)
+        frames = loaded.frame_processor
+        assert (frames.longest_edge, frames.tile_size) == (1024, 384)  # `size` wins, as upstream
+    assert VideoProcessor.from_pretrained(real_model_dir()) is None  # SmolVLM 1: no video
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "preprocessor_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        VideoProcessor.from_pretrained(tmp_path / "bad")
 
 
 def test_bad_sampling_and_inputs_fail_clearly(videos, processor):
