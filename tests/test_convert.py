@@ -30,8 +30,10 @@ SIDE_FILES = {
     "merges.txt": "a b\n",
     "preprocessor_config.json": '{"do_image_splitting": true}',
 }
-# (bits, quantize_vision) -> (least top-1 agreement, largest mean KL) on the fixed prompt.
-# Loose: the measured values (seed 0, CPU) are in the module's report and the README.
+# (bits, quantize_vision) -> (least top-1 agreement, largest mean KL) over the 334 positions
+# of the fixed prompt. Measured on the CPU: 8-bit 0.982 / 4.6e-5 (vision float), 0.973 / 7.0e-5
+# (vision quantized); 4-bit 0.557 / 1.4e-2 and 0.746 / 2.0e-2. Random weights give flat logits,
+# so top-1 is noisy at 4 bits (other seeds: 0.49 to 0.87); KL is the steadier measure.
 DRIFT_BOUNDS = {
     (8, False): (0.95, 1e-3),
     (8, True): (0.95, 1e-3),
