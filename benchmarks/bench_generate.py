@@ -49,9 +49,10 @@ def token_times_report(load_s: float, start: float, stamps: list[float], prompt_
 def worker_ours(args) -> dict:
     t0 = time.perf_counter()
     # mlx_smolvlm first: it loads the optimized BLAS, which must precede mlx.core's import.
-    from mlx_smolvlm import load  # isort: skip
-    import mlx.core as mx
-    from mlx_smolvlm.generate import stream_generate
+    import mlx_smolvlm
+
+    mx = mlx_smolvlm.generate.mx
+    load, stream_generate = mlx_smolvlm.load, mlx_smolvlm.stream_generate
 
     model, processor = load(args.checkpoint, dtype=args.dtype)
     load_s = time.perf_counter() - t0

@@ -19,6 +19,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import make_sampler
 
+from .cpu_kernels import host_kernels
 from .generate import GenerationResult, prepare_inputs
 from .model import Model
 
@@ -244,7 +245,8 @@ def batch_stream_generate(
         for p, n in zip(params, prompt_lengths)
     ]
     capacity = inputs["input_ids"].shape[1] + max(p.max_tokens for p in params)
-    cache, logits = _prefill(model, inputs, capacity, prefill_step_size, vision_chunk_size)
+    with host_kernels():
+        cache, logits = _prefill(model, inputs, capacity, prefill_step_size, vision_chunk_size)
     active = list(range(len(prompts)))  # prompt index of each batch row
     tokens = _sample(logits, params)
     mx.eval(tokens)

@@ -1,24 +1,45 @@
-"""Elementwise functions that MLX's CPU backend computes slowly, as compiled rational functions.
+"""Faster kernels for MLX's CPU backend, where its elementwise operations are slow.
 
-MLX's CPU kernels evaluate tanh/exp one element at a time (about 30 ns per element on a 2-core
-x86 machine, 10x slower than torch), which makes the vision tower's GELU as costly as its
-matrix products. A rational function built from multiplies, adds and one divide compiles into a
-loop the C++ compiler vectorizes. The coefficients were fitted here (weighted least squares on
-[0, 9]); the float32 result is within 4e-7 of tanh, below the 1e-4 logit tolerance by far.
-On Metal the ordinary kernels are fast and are used instead.
+On x86 Linux MLX's CPU kernels evaluate exp/tanh one element at a time on one thread (about
+15 ns per element on a 2-core machine, 8x slower than numpy): attention's softmax and the vision
+tower's GELU then cost more than all the matrix products. Two remedies live here:
+
+- compiled rational functions (`gelu_tanh`), which stay inside MLX's graph and so can be
+  differentiated; used while training;
+- host kernels (`host_attention`, `host_gelu_tanh`) for inference: the operands are evaluated and
+  handed to numpy without a copy, and the softmax/GELU run with numpy's vectorized exp/tanh on
+  every core, in cache-sized blocks. They cut the vision tower's time about in half. They are not
+  differentiable, so models use them only inside a `host_kernels()` block (the generation
+  functions open one) and in eval mode; a model called directly, or under `mx.grad`, runs MLX's.
+
+On Metal none of this applies: MLX's own kernels are used. MLX_SMOLVLM_HOST_KERNELS=0 turns the
+host kernels off.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from functools import cache
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 # tanh(x) ~= x * P(u) / Q(u) with u = (x / CLAMP)^2, for |x| <= CLAMP (tanh(9) rounds to 1.0).
+# Coefficients fitted here (weighted least squares on [0, 9]); float32 error within 4e-7.
 CLAMP = 9.0
 P = [0.9999999987, 11.08151972, 25.38810288, 14.89739789, 1.319134474, -0.04270404489]
 Q = [1.0, 38.08151872, 178.7892405, 209.4293355, 55.49097888]
+GELU_C = math.sqrt(2 / math.pi)
+
+QUERY_BLOCK = 256  # query rows per attention task: a block's scores stay in the CPU cache
+GELU_BLOCK = 1 << 18  # elements per GELU task (1 MiB of float32)
 
 
 def _polyval(coefficients: list[float], u: mx.array) -> mx.array:
@@ -38,12 +59,149 @@ def tanh(x: mx.array) -> mx.array:
 
 @mx.compile
 def _gelu_tanh(x: mx.array) -> mx.array:
-    inner = math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)
+    inner = GELU_C * (x + 0.044715 * x * x * x)
     return 0.5 * x * (1 + tanh(inner))
 
 
 def gelu_tanh(x: mx.array) -> mx.array:
-    """GELU with the tanh approximation (SigLIP's `gelu_pytorch_tanh`), fastest per backend."""
+    """GELU with the tanh approximation (SigLIP's `gelu_pytorch_tanh`), differentiable."""
     if mx.default_device() == mx.cpu:
         return _gelu_tanh(x)
     return nn.gelu_approx(x)
+
+
+_inference = threading.local()
+
+
+@contextmanager
+def host_kernels(enabled: bool = True) -> Iterator[None]:
+    """Inside this block (in this thread) eval-mode models may use the host kernels."""
+    previous = getattr(_inference, "enabled", False)
+    _inference.enabled = enabled
+    try:
+        yield
+    finally:
+        _inference.enabled = previous
+
+
+def use_host_kernels(module: nn.Module, x: mx.array) -> bool:
+    """Whether `module` may hand `x`'s work to the host kernels: inside `host_kernels()`, CPU,
+    float32, eval mode."""
+    return (
+        getattr(_inference, "enabled", False)
+        and not module.training
+        and x.dtype == mx.float32
+        and mx.default_device() == mx.cpu
+        and os.environ.get("MLX_SMOLVLM_HOST_KERNELS") != "0"
+    )
+
+
+@cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="mlx-smolvlm")
+
+
+@cache
+def _blas_controller() -> Any:
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
+
+
+def _one_blas_thread_each():
+    """numpy's BLAS on one thread per caller while our workers are the parallelism."""
+    controller = _blas_controller()
+    return controller.limit(limits=1, user_api="blas") if controller else nullcontext()
+
+
+def _run(task, count: int) -> None:
+    """Run task(0..count-1) on the worker threads (numpy releases the GIL)."""
+    with _one_blas_thread_each():
+        for _ in _pool().map(task, range(count)):
+            pass
+
+
+def _host_view(x: mx.array) -> np.ndarray:
+    """An evaluated MLX array as a numpy array sharing its memory."""
+    mx.eval(x)
+    return np.array(x, copy=False)
+
+
+def _additive_mask(mask: Any, queries: int, keys: int) -> np.ndarray | None:
+    """`mask` (None, "causal", boolean or additive array) as float32 (batch, 1|queries, keys)."""
+    if mask is None:
+        return None
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"unknown attention mask {mask!r}")
+        offset = keys - queries  # earlier keys come from the cache
+        visible = np.arange(keys)[None, :] <= np.arange(queries)[:, None] + offset
+        return np.where(visible, 0.0, -np.inf).astype(np.float32)[None]
+    mask = np.asarray(mask)
+    if mask.ndim != 4 or mask.shape[1] != 1:
+        raise ValueError(f"attention mask must be (batch, 1, queries, keys), got {mask.shape}")
+    if mask.dtype == np.bool_:
+        return np.where(mask[:, 0], 0.0, -np.inf).astype(np.float32)
+    return mask[:, 0].astype(np.float32)
+
+
+def host_attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any = None
+) -> mx.array:
+    """Softmax attention computed with numpy across threads; same as MLX's fused SDPA.
+
+    q is (batch, heads, queries, dims), k and v (batch, kv_heads, keys, dims) with heads a
+    multiple of kv_heads (grouped queries); the result is (batch, heads, queries, v_dims).
+    """
+    qn, kn, vn = _host_view(q), _host_view(k), _host_view(v)
+    batch, heads, queries, _ = qn.shape
+    kv_heads = kn.shape[1]
+    group = heads // kv_heads
+    bias = _additive_mask(mask, queries, kn.shape[2])
+    out = np.empty((batch, queries, heads, vn.shape[-1]), dtype=np.float32)
+    blocks = math.ceil(queries / QUERY_BLOCK)
+
+    def task(i: int) -> None:
+        b, rest = divmod(i, kv_heads * blocks)
+        g, block = divmod(rest, blocks)
+        rows = slice(block * QUERY_BLOCK, (block + 1) * QUERY_BLOCK)
+        head_range = slice(g * group, (g + 1) * group)
+        scores = (qn[b, head_range, rows] * scale) @ kn[b, g].T  # (group, rows, keys)
+        if bias is not None:
+            scores += bias[b if len(bias) > 1 else 0, rows if bias.shape[1] > 1 else slice(None)]
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out[b, rows, head_range] = (scores @ vn[b, g]).transpose(1, 0, 2)
+
+    _run(task, batch * kv_heads * blocks)
+    return mx.array(out).transpose(0, 2, 1, 3)
+
+
+def host_gelu_tanh(x: mx.array) -> mx.array:
+    """GELU (tanh approximation) with numpy across threads, in place on a fresh intermediate.
+
+    `x` must not be used elsewhere (it is a Linear's output here): its buffer is overwritten,
+    which saves copying the vision MLP's largest activation in and out.
+    """
+    data = _host_view(x)
+    if not data.flags.c_contiguous or not data.flags.writeable:
+        data = np.ascontiguousarray(data).copy()
+        x = None
+    flat = data.reshape(-1)
+
+    def task(i: int) -> None:
+        block = flat[i * GELU_BLOCK : (i + 1) * GELU_BLOCK]
+        inner = block * block
+        inner *= 0.044715 * GELU_C
+        inner += GELU_C
+        inner *= block  # GELU_C * (x + 0.044715 x^3)
+        np.tanh(inner, out=inner)
+        inner += 1.0
+        inner *= 0.5
+        block *= inner
+
+    _run(task, math.ceil(flat.size / GELU_BLOCK))
+    return x if x is not None else mx.array(data)

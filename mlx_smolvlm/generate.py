@@ -20,6 +20,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import KVCache, RotatingKVCache, can_trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from .cpu_kernels import host_kernels
 from .model import Model
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
@@ -253,11 +254,12 @@ def stream_generate(
     if "pixel_values" in inputs and config.image_token_id in new_ids:
         # Tiles whose <image> tokens are already in the cache are not encoded again.
         first = ids[:reused].count(config.image_token_id) // config.image_seq_len
-        features = model.get_image_features(
-            inputs["pixel_values"][:, first:],
-            inputs["pixel_attention_mask"][:, first:],
-            chunk_size=vision_chunk_size,
-        )
+        with host_kernels():
+            features = model.get_image_features(
+                inputs["pixel_values"][:, first:],
+                inputs["pixel_attention_mask"][:, first:],
+                chunk_size=vision_chunk_size,
+            )
     embeddings = model.embed([new_ids], image_features=features)[0]
 
     sampler = make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
@@ -265,18 +267,20 @@ def stream_generate(
     stops = tokenizer.eos_token_ids
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
-    steps = generate_step(
-        mx.array(new_ids),
-        model.language_model,
-        max_tokens=max_tokens,
-        sampler=sampler,
-        logits_processors=processors,
-        prompt_cache=cache,
-        prefill_step_size=prefill_step_size,
-        kv_bits=kv_bits,
-        kv_group_size=kv_group_size,
-        quantized_kv_start=0,
-        input_embeddings=embeddings,
+    steps = with_host_kernels(
+        generate_step(
+            mx.array(new_ids),
+            model.language_model,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            logits_processors=processors,
+            prompt_cache=cache,
+            prefill_step_size=prefill_step_size,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+            quantized_kv_start=0,
+            input_embeddings=embeddings,
+        )
     )
     result = GenerationResult(prompt_tokens=len(new_ids))
     decode_start = start
@@ -305,6 +309,16 @@ def stream_generate(
     fed = new_ids + result.token_ids + ([result.token] if result.finish_reason == "stop" else [])
     prompt_cache.tokens = (prompt_cache.tokens + fed)[: cache[0].offset]
     yield result
+
+
+def with_host_kernels(steps: Iterator[Any]) -> Iterator[Any]:
+    """Run each step of a generation loop inside `host_kernels()`, but not the caller's code."""
+    while True:
+        with host_kernels():
+            item = next(steps, None)
+        if item is None:
+            return
+        yield item
 
 
 def generate(

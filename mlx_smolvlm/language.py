@@ -16,7 +16,9 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
+from . import cpu_decode
 from .config import TextConfig
+from .cpu_kernels import host_attention, use_host_kernels
 
 
 class Attention(nn.Module):
@@ -48,7 +50,10 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        if L > 1 and isinstance(k, mx.array) and use_host_kernels(self, q):
+            out = host_attention(q, k, v, self.scale, mask)  # prefill; not quantized caches
+        else:
+            out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -118,6 +123,15 @@ class LanguageModel(nn.Module):
         input_embeddings: mx.array | None = None,
         mask: Any = None,
     ) -> mx.array:
+        x = inputs if inputs is not None else input_embeddings
+        if (
+            mask is None
+            and x.shape[:2] == (1, 1)
+            and use_host_kernels(self, self.norm.weight)
+            and cpu_decode.supported(self, cache)
+        ):
+            token = None if inputs is None else inputs.item()
+            return cpu_decode.decode_step(self, token, input_embeddings, cache)
         return self.logits(self.hidden_states(inputs, cache, input_embeddings, mask))
 
     def make_cache(self) -> list[KVCache]:

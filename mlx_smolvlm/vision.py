@@ -7,7 +7,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import VisionConfig
-from .cpu_kernels import gelu_tanh
+from .cpu_kernels import gelu_tanh, host_attention, host_gelu_tanh, use_host_kernels
 
 
 def patch_position_ids(patch_mask: np.ndarray, patches_per_side: int) -> np.ndarray:
@@ -55,7 +55,10 @@ class Attention(nn.Module):
             return t.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if use_host_kernels(self, x):
+            out = host_attention(q, k, v, self.scale, mask)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 
@@ -66,7 +69,8 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(gelu_tanh(self.fc1(x)))
+        h = self.fc1(x)
+        return self.fc2(host_gelu_tanh(h) if use_host_kernels(self, h) else gelu_tanh(h))
 
 
 class EncoderLayer(nn.Module):

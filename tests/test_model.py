@@ -21,10 +21,18 @@ from reference import (
 
 from mlx_smolvlm import load_model
 from mlx_smolvlm.config import ConfigError, ModelConfig
+from mlx_smolvlm.cpu_kernels import host_kernels
 from mlx_smolvlm.vision import patch_position_ids
 
 pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(params=["mlx-kernels", "host-kernels"])
+def kernels(request):
+    """Run the test with MLX's kernels, then with the CPU host kernels the generators use."""
+    with host_kernels(request.param == "host-kernels"):
+        yield
 
 
 def checkpoint(tmp_path, model_type="idefics3", geometry="256m", seed=0):
@@ -45,7 +53,7 @@ def assert_parity(ours: mx.array, ref: np.ndarray, valid: np.ndarray | None = No
 @pytest.mark.parametrize(
     "model_type,geometry", [("idefics3", "256m"), ("smolvlm", "2.2b"), ("idefics3", "2.2b")]
 )
-def test_logits_match_transformers_with_split_image(tmp_path, model_type, geometry):
+def test_logits_match_transformers_with_split_image(tmp_path, model_type, geometry, kernels):
     hf, model, config = checkpoint(tmp_path, model_type, geometry)
     rng = np.random.default_rng(0)
     size = GEOMETRIES[geometry]["image_size"]
@@ -54,7 +62,7 @@ def test_logits_match_transformers_with_split_image(tmp_path, model_type, geomet
     assert_parity(model(ids, pixels, mask), hf_logits(hf, ids, pixels, mask))
 
 
-def test_batch_with_different_tile_counts_and_lengths(tmp_path):
+def test_batch_with_different_tile_counts_and_lengths(tmp_path, kernels):
     hf, model, config = checkpoint(tmp_path, "smolvlm", "2.2b")
     rng = np.random.default_rng(1)
     prompts = [image_prompt([3], config.image_seq_len, rng, text=9), image_prompt([1], 81, rng)]
@@ -72,7 +80,7 @@ def test_several_images_in_one_prompt(tmp_path):
     assert_parity(model(ids, pixels, mask), hf_logits(hf, ids, pixels, mask))
 
 
-def test_partially_masked_tiles_on_the_27_grid(tmp_path):
+def test_partially_masked_tiles_on_the_27_grid(tmp_path, kernels):
     """Padded pixels change the patch positions and the vision attention mask."""
     hf, model, config = checkpoint(tmp_path, "smolvlm", "2.2b")
     rng = np.random.default_rng(3)
