@@ -74,11 +74,12 @@ def peak_rss_gb() -> float:
 
 def worker(checkpoint: Path, image: Path, max_tokens: int, dtype: str) -> dict:
     """Load, generate, and report memory: runs in its own process."""
+    # mlx_smolvlm first: it loads the optimized BLAS, which must precede mlx.core's import.
+    from mlx_smolvlm import generate, load
+
+    # isort: split
     import mlx.core as mx
     from PIL import Image
-
-    from mlx_smolvlm import load
-    from mlx_smolvlm.generate import generate
 
     model, processor = load(checkpoint, dtype=dtype)
     loaded_gb = mx.get_peak_memory() / 1e9

@@ -42,7 +42,15 @@ def enable_fast_blas() -> str | None:
     if loaded or sys.platform != "linux" or choice == "0":
         return loaded
     if "mlx.core" in sys.modules:
-        return None  # too late: libmlx already bound the reference BLAS
+        # Too late: libmlx already bound its reference BLAS. Say so when a faster one exists.
+        if ctypes.util.find_library("openblas") and os.environ.get("MLX_SMOLVLM_QUIET") != "1":
+            print(
+                "[mlx-smolvlm] mlx.core was imported before mlx_smolvlm, so MLX keeps its slow "
+                "reference BLAS: import mlx_smolvlm first (or run with "
+                "LD_PRELOAD=libopenblas.so.0)",
+                file=sys.stderr,
+            )
+        return None
     for name in _candidates(choice):
         try:
             ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)

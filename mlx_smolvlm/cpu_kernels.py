@@ -180,28 +180,72 @@ def host_attention(
     return mx.array(out).transpose(0, 2, 1, 3)
 
 
-def host_gelu_tanh(x: mx.array) -> mx.array:
-    """GELU (tanh approximation) with numpy across threads, in place on a fresh intermediate.
+def _in_place(x: mx.array, *others: mx.array, kernel) -> mx.array:
+    """Apply `kernel(block, *other_blocks)` to 1 MiB blocks of `x` across threads, in place.
 
-    `x` must not be used elsewhere (it is a Linear's output here): its buffer is overwritten,
-    which saves copying the vision MLP's largest activation in and out.
+    `x` must not be used elsewhere (a Linear's output here): its buffer is overwritten, which
+    saves copying the largest activations in and out of MLX. A view that is not contiguous
+    is copied first.
     """
     data = _host_view(x)
     if not data.flags.c_contiguous or not data.flags.writeable:
-        data = np.ascontiguousarray(data).copy()
-        x = None
+        data, x = np.ascontiguousarray(data).copy(), None
     flat = data.reshape(-1)
+    flat_others = [np.broadcast_to(_host_view(o), data.shape).reshape(-1) for o in others]
 
     def task(i: int) -> None:
-        block = flat[i * GELU_BLOCK : (i + 1) * GELU_BLOCK]
-        inner = block * block
-        inner *= 0.044715 * GELU_C
-        inner += GELU_C
-        inner *= block  # GELU_C * (x + 0.044715 x^3)
-        np.tanh(inner, out=inner)
-        inner += 1.0
-        inner *= 0.5
-        block *= inner
+        part = slice(i * GELU_BLOCK, (i + 1) * GELU_BLOCK)
+        kernel(flat[part], *(o[part] for o in flat_others))
 
     _run(task, math.ceil(flat.size / GELU_BLOCK))
     return x if x is not None else mx.array(data)
+
+
+def _gelu_block(block: np.ndarray) -> None:
+    inner = block * block
+    inner *= 0.044715 * GELU_C
+    inner += GELU_C
+    inner *= block  # GELU_C * (x + 0.044715 x^3)
+    np.tanh(inner, out=inner)
+    inner += 1.0
+    inner *= 0.5
+    block *= inner
+
+
+def _swiglu_block(gate: np.ndarray, up: np.ndarray) -> None:
+    sigmoid = np.tanh(gate * np.float32(0.5))  # sigmoid(g) = (1 + tanh(g / 2)) / 2, no overflow
+    sigmoid += 1.0
+    sigmoid *= 0.5
+    gate *= sigmoid
+    gate *= up
+
+
+def host_swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up with numpy across threads, in place on `gate` (a fresh intermediate)."""
+    return _in_place(gate, up, kernel=_swiglu_block)
+
+
+def host_gelu_tanh(x: mx.array) -> mx.array:
+    """GELU (tanh approximation) with numpy across threads, in place on a fresh intermediate."""
+    return _in_place(x, kernel=_gelu_block)
+
+
+def host_layer_norm(x: mx.array, norm: nn.LayerNorm) -> mx.array:
+    """`norm(x)` over the last axis with numpy across threads, in row blocks that stay in cache."""
+    data = _host_view(x)
+    rows = data.reshape(-1, data.shape[-1])
+    weight, bias = _host_view(norm.weight), _host_view(norm.bias)
+    out = np.empty(rows.shape, dtype=np.float32)
+    block = max(1, GELU_BLOCK // rows.shape[1])
+
+    def task(i: int) -> None:
+        part = rows[i * block : (i + 1) * block]
+        centred = out[i * block : (i + 1) * block]
+        np.subtract(part, part.mean(axis=-1, keepdims=True), out=centred)
+        variance = np.mean(centred * centred, axis=-1, keepdims=True)
+        centred *= 1.0 / np.sqrt(variance + np.float32(norm.eps))
+        centred *= weight
+        centred += bias
+
+    _run(task, math.ceil(len(rows) / block))
+    return mx.array(out.reshape(data.shape))

@@ -18,7 +18,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from . import cpu_decode
 from .config import TextConfig
-from .cpu_kernels import host_attention, use_host_kernels
+from .cpu_kernels import host_attention, host_swiglu, use_host_kernels
 
 
 class Attention(nn.Module):
@@ -66,7 +66,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dims, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if x.shape[1] > 1 and use_host_kernels(self, x):
+            return self.down_proj(host_swiglu(gate, up))  # prefill
+        return self.down_proj(nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -73,6 +73,7 @@ class Limits:
     max_tokens_cap: int = 2048
     default_max_tokens: int = 512
     allowed_image_dir: Path | None = None
+    remote_images: bool = True  # fetch http(s) image URLs (off: only data: URLs and local files)
 
 
 @dataclass
@@ -198,6 +199,12 @@ def fetch_image(url: str, limits: Limits, where: str = "image_url") -> Image.Ima
     if url.startswith("data:"):
         data = _data_url_bytes(url, where)
     elif url.startswith(("http://", "https://")):
+        if not limits.remote_images:
+            raise ApiError(
+                f"{where}: this server does not fetch image URLs (--no-remote-images); "
+                "send the image as a data: URL",
+                param=where,
+            )
         data = _download(url, limits.max_image_bytes, where)
     else:
         data = _local_file(url, limits, where)
@@ -589,6 +596,13 @@ def create_server(
     default=None,
     help="Allow local image paths under this directory (off by default).",
 )
+@click.option(
+    "--remote-images/--no-remote-images",
+    default=True,
+    show_default=True,
+    help="Fetch http(s) image URLs for clients (turn off when clients may reach addresses "
+    "the server can but they should not).",
+)
 @click.option("--max-tokens-cap", default=2048, show_default=True, help="Most tokens per answer.")
 @click.option("--max-body-bytes", default=20 * 2**20, show_default=True, help="Request size limit.")
 @click.option("--max-image-bytes", default=20 * 2**20, show_default=True, help="Per image.")
@@ -614,6 +628,7 @@ def main(
     host,
     port,
     allowed_image_dir,
+    remote_images,
     max_tokens_cap,
     max_body_bytes,
     max_image_bytes,
@@ -635,6 +650,7 @@ def main(
         max_tokens_cap=max_tokens_cap,
         default_max_tokens=min(512, max_tokens_cap),
         allowed_image_dir=allowed_image_dir,
+        remote_images=remote_images,
     )
     image_kwargs = image_kwargs_from_cli(None, no_image_splitting, longest_edge, max_tiles, False)
     vlm, processor = load(model, dtype=dtype)

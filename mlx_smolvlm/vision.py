@@ -7,7 +7,13 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import VisionConfig
-from .cpu_kernels import gelu_tanh, host_attention, host_gelu_tanh, use_host_kernels
+from .cpu_kernels import (
+    gelu_tanh,
+    host_attention,
+    host_gelu_tanh,
+    host_layer_norm,
+    use_host_kernels,
+)
 
 
 def patch_position_ids(patch_mask: np.ndarray, patches_per_side: int) -> np.ndarray:
@@ -36,6 +42,11 @@ def _buckets(length: int, valid: int, boundaries: np.ndarray) -> np.ndarray:
     frac = np.arange(length, dtype=np.float32) * step
     frac = np.minimum(frac, np.float32(1.0 - 1e-6))
     return np.searchsorted(boundaries, frac, side="right")
+
+
+def layer_norm(caller: nn.Module, norm: nn.LayerNorm, x: mx.array) -> mx.array:
+    """`norm(x)`, on the host kernels where `caller` may use them."""
+    return host_layer_norm(x, norm) if use_host_kernels(caller, x) else norm(x)
 
 
 class Attention(nn.Module):
@@ -82,8 +93,8 @@ class EncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def __call__(self, x: mx.array, mask: mx.array | None = None) -> mx.array:
-        x = x + self.self_attn(self.layer_norm1(x), mask)
-        return x + self.mlp(self.layer_norm2(x))
+        x = x + self.self_attn(layer_norm(self, self.layer_norm1, x), mask)
+        return x + self.mlp(layer_norm(self, self.layer_norm2, x))
 
 
 class Encoder(nn.Module):
@@ -131,7 +142,7 @@ class VisionModel(nn.Module):
             mask = mx.array(patch_mask.reshape(patch_mask.shape[0], 1, 1, -1))
         for layer in self.encoder.layers:
             h = layer(h, mask)
-        return self.post_layernorm(h)
+        return layer_norm(self, self.post_layernorm, h)
 
     @property
     def dtype(self) -> mx.Dtype:

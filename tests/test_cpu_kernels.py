@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes.util
+import os
+import subprocess
+import sys
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -12,6 +17,8 @@ from mlx_smolvlm.cpu_kernels import (
     host_attention,
     host_gelu_tanh,
     host_kernels,
+    host_layer_norm,
+    host_swiglu,
     use_host_kernels,
 )
 
@@ -172,3 +179,39 @@ def test_host_decode_only_where_it_applies():
     assert not cpu_decode.supported(model, None)
     nn.quantize(model, group_size=32, bits=8)
     assert not cpu_decode.supported(model, model.make_cache())
+
+
+# --- the optimized BLAS ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MLX uses Accelerate on macOS")
+def test_blas_is_loaded_first_or_the_user_is_told():
+    if not ctypes.util.find_library("openblas"):
+        pytest.skip("no OpenBLAS installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_SMOLVLM")}
+
+    def stderr(code: str) -> str:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr
+        return run.stderr
+
+    assert "for matrix products" in stderr("import mlx_smolvlm")
+    assert "imported before mlx_smolvlm" in stderr("import mlx.core; import mlx_smolvlm")
+    env["MLX_SMOLVLM_BLAS"] = "0"
+    assert "BLAS" not in stderr("import mlx_smolvlm")
+
+
+def test_layer_norm_matches_mlx():
+    mx.random.seed(4)
+    norm = nn.LayerNorm(96, eps=1e-6)
+    norm.update({"weight": mx.random.normal((96,)), "bias": mx.random.normal((96,))})
+    x = mx.random.normal((3, 5000, 96)) * 3 + 1
+    assert mx.allclose(host_layer_norm(x, norm), norm(x), atol=1e-5).item()
+
+
+def test_swiglu_matches_mlx():
+    mx.random.seed(5)
+    gate, up = mx.random.normal((2, 700, 300)) * 6, mx.random.normal((2, 700, 300))
+    expected = nn.silu(gate) * up
+    mx.eval(expected)
+    assert mx.allclose(host_swiglu(gate * 1.0, up), expected, atol=1e-5).item()

@@ -341,3 +341,10 @@ def test_a_failing_generation_is_a_500_and_the_others_carry_on(loaded, monkeypat
     finally:
         served.shutdown()
         served.server_close()
+
+
+def test_remote_images_can_be_turned_off():
+    from mlx_smolvlm.server import ApiError, Limits, fetch_image
+
+    with pytest.raises(ApiError, match="does not fetch image URLs"):
+        fetch_image("http://169.254.169.254/latest", Limits(remote_images=False))
