@@ -217,7 +217,7 @@ def batch_stream_generate(
     eos_token_ids: Iterable[int] | None = None,
     should_stop: Callable[[int], bool] | None = None,
     prefill_step_size: int = 512,
-    vision_chunk_size: int = 8,
+    vision_chunk_size: int = 2,  # tiles encoded at once: bounds the attention scores in memory
     **image_kwargs: Any,
 ) -> Iterator[tuple[int, GenerationResult]]:
     """Yield `(prompt index, result)` as text arrives; `text` holds the new segment.

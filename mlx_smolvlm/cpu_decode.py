@@ -113,13 +113,12 @@ def _attention(layer: Any, x: np.ndarray, cache: Any) -> np.ndarray:
     values = _view(values_owner)[0, :, :length]
     group = attn.n_heads // attn.n_kv_heads
     q = (q * np.float32(attn.scale)).reshape(attn.n_kv_heads, group, head_dim)
-    out = np.empty_like(q)
-    for g in range(attn.n_kv_heads):
-        scores = keys[g] @ q[g].T  # (length, group): a plain gemm, no strided batch
-        scores -= scores.max(axis=0)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=0)
-        out[g] = scores.T @ values[g]
+    # All kv heads at once (few numpy calls: each costs more than its arithmetic here).
+    scores = np.matmul(keys, q.transpose(0, 2, 1))  # (kv_heads, length, group)
+    scores -= scores.max(axis=1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=1, keepdims=True)
+    out = np.matmul(scores.transpose(0, 2, 1), values)  # (kv_heads, group, head_dim)
     return _linear(out.reshape(-1), attn.o_proj)
 
 

@@ -223,7 +223,7 @@ def stream_generate(
     max_kv_size: int | None = None,
     prompt_cache: PromptCache | None = None,
     prefill_step_size: int = 512,
-    vision_chunk_size: int = 8,
+    vision_chunk_size: int = 2,  # tiles encoded at once: bounds the attention scores in memory
     video: Any = None,
     **image_kwargs: Any,
 ) -> Iterator[GenerationResult]:
