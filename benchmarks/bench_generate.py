@@ -1,7 +1,7 @@
 """Side-by-side generation benchmark: mlx-smolvlm, mlx-vlm and transformers on one checkpoint.
 
-Each implementation runs in its own process, several times, on the same checkpoint, image and
-prompt; the table reports load time, time to first token, prefill and decode speed and peak
+Each implementation runs in its own process, several times in turn, on the same checkpoint, image
+and prompt; the table reports load time, time to first token, prefill and decode speed and peak
 memory with ratios to mlx-smolvlm, and a PNG bar chart is written next to the JSON results.
 
     python benchmarks/bench_generate.py --model ../shared/models/SmolVLM-256M-Instruct
@@ -269,17 +269,21 @@ def main() -> None:
         else args.model
     )
     args.image = make_image(args.out / "image.png", args.image_size)
-    results: dict[str, list[dict]] = {}
+    workers = {}  # name -> (python, checkpoint)
     for name in args.impl.split(","):
-        python, path = sys.executable, checkpoint
-        if name == "mlx-vlm":
-            if not args.mlx_vlm_python:
-                print("skipping mlx-vlm: pass --mlx-vlm-python", file=sys.stderr)
-                continue
-            python = args.mlx_vlm_python
-            path = mlx_vlm_checkpoint(python, checkpoint, args.out / "mlx-vlm-checkpoint")
-        results[name] = []
-        for rep in range(args.reps):
+        if name != "mlx-vlm":
+            workers[name] = (sys.executable, checkpoint)
+        elif args.mlx_vlm_python:
+            mlx_vlm_path = mlx_vlm_checkpoint(
+                args.mlx_vlm_python, checkpoint, args.out / "mlx-vlm-checkpoint"
+            )
+            workers[name] = (args.mlx_vlm_python, mlx_vlm_path)
+        else:
+            print("skipping mlx-vlm: pass --mlx-vlm-python", file=sys.stderr)
+    results: dict[str, list[dict]] = {name: [] for name in workers}
+    # Round robin, so that a machine that slows down or speeds up mid-run favours no one.
+    for rep in range(args.reps):
+        for name, (python, path) in workers.items():
             run = run_worker(name, python, path, args)
             print(f"{name} run {rep + 1}: {json.dumps(run)}", file=sys.stderr)
             results[name].append(run)

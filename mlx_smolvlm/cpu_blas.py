@@ -35,6 +35,25 @@ def _candidates(choice: str | None) -> list[str]:
     return ([found] if found else []) + list(CANDIDATES)
 
 
+def _load_with_sleeping_threads(name: str) -> None:
+    """Load `name` globally, its idle threads set to sleep at once instead of spinning.
+
+    OpenBLAS's idle threads spin for about 2^28 cycles after each call: between MLX's matrix
+    products that takes a core from the numpy kernels of `cpu_kernels` (the vision tower runs
+    ~10% slower); MLX's products are large enough not to notice a thread's wake-up. The
+    setting is read once, when the library loads, so only this copy gets it: numpy's own
+    OpenBLAS, whose small decode products do gain from spinning, keeps its default.
+    """
+    previous = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
+    if previous is None:
+        os.environ["OPENBLAS_THREAD_TIMEOUT"] = "4"  # 2^4 cycles, the least OpenBLAS allows
+    try:
+        ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+    finally:
+        if previous is None:
+            del os.environ["OPENBLAS_THREAD_TIMEOUT"]
+
+
 def enable_fast_blas() -> str | None:
     """Load an optimized BLAS globally before MLX does; return its name, or None."""
     global loaded
@@ -53,7 +72,7 @@ def enable_fast_blas() -> str | None:
         return None
     for name in _candidates(choice):
         try:
-            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            _load_with_sleeping_threads(name)
         except OSError:
             continue
         loaded = name

@@ -12,6 +12,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from mlx_smolvlm import cpu_kernels
 from mlx_smolvlm.cpu_kernels import (
     gelu_tanh,
     host_attention,
@@ -43,9 +44,12 @@ def test_no_mask_and_grouped_queries(kv_heads):
     assert mx.allclose(out, reference(q, k, v, 0.25, None), atol=1e-5).item()
 
 
-def test_causal_with_cached_keys():
-    # 300 new queries over 420 keys: the first 120 keys come from the cache.
-    q, k, v = qkv(queries=300, keys=420)
+@pytest.mark.parametrize("threads", [1, 64])  # a task per head, or per block of queries
+@pytest.mark.parametrize("queries, keys", [(300, 300), (300, 420), (1, 420)])
+def test_causal_with_cached_keys(monkeypatch, threads, queries, keys):
+    # With more keys than queries the first keys come from the cache.
+    monkeypatch.setattr(cpu_kernels, "_threads", lambda: threads)
+    q, k, v = qkv(queries=queries, keys=keys)
     out = host_attention(q, k, v, 0.25, "causal")
     assert mx.allclose(out, reference(q, k, v, 0.25, "causal"), atol=1e-5).item()
 
@@ -72,6 +76,15 @@ def test_per_query_boolean_and_additive_masks():
     for mask in (boolean, additive):
         out = host_attention(q, k, v, 0.25, mask)
         assert mx.allclose(out, reference(q, k, v, 0.25, mask), atol=1e-5).item()
+
+
+@pytest.mark.parametrize("count, unit", [(1, 1), (786_432, 1), (2048, 768), (7, 1 << 20)])
+def test_elementwise_tasks_fill_whole_rounds_of_threads(monkeypatch, count, unit):
+    monkeypatch.setattr(cpu_kernels, "_threads", lambda: 2)
+    size = cpu_kernels._task_size(count, unit)
+    tasks = -(-count // size)
+    assert size * unit <= cpu_kernels.BLOCK + unit  # a task of about BLOCK elements at most
+    assert tasks % 2 == 0 or tasks == count  # equal shares, unless there are too few items
 
 
 def test_bad_mask_is_named():
@@ -188,7 +201,11 @@ def test_host_decode_only_where_it_applies():
 def test_blas_is_loaded_first_or_the_user_is_told():
     if not ctypes.util.find_library("openblas"):
         pytest.skip("no OpenBLAS installed")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_SMOLVLM")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MLX_SMOLVLM") and k != "OPENBLAS_THREAD_TIMEOUT"
+    }
 
     def stderr(code: str) -> str:
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -196,6 +213,9 @@ def test_blas_is_loaded_first_or_the_user_is_told():
         return run.stderr
 
     assert "for matrix products" in stderr("import mlx_smolvlm")
+    # MLX's copy sleeps between calls; the setting does not leak to libraries loaded later.
+    leaked = "import os, mlx_smolvlm; assert 'OPENBLAS_THREAD_TIMEOUT' not in os.environ"
+    stderr(leaked)
     assert "imported before mlx_smolvlm" in stderr("import mlx.core; import mlx_smolvlm")
     env["MLX_SMOLVLM_BLAS"] = "0"
     assert "BLAS" not in stderr("import mlx_smolvlm")
