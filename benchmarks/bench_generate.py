@@ -8,7 +8,9 @@ memory with ratios to mlx-smolvlm, and a PNG bar chart is written next to the JS
 
 Given a directory with only a config (and tokenizer files), a random checkpoint of that shape is
 built with transformers first. mlx-vlm runs from another interpreter (`--mlx-vlm-python`), since
-it pins its own dependencies; it gets its own float32 conversion of the same weights.
+it pins its own dependencies; it gets its own conversion of the same weights. `--dtype` and
+`--quantize BITS` compare bf16 or quantized conversions (each converter's own; transformers
+runs unquantized only), `--text-only` measures decoding without an image.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 PROMPT = "Describe this image in detail."
+TEXT_PROMPT = "Write a long story about a lighthouse keeper and her cat."
 HERE = Path(__file__).resolve().parent
 OPENBLAS = "libopenblas.so.0"
 
@@ -46,6 +49,12 @@ def token_times_report(load_s: float, start: float, stamps: list[float], prompt_
     }
 
 
+def test_inputs(args) -> tuple[str, list[str]]:
+    """The prompt and images of a run: the test image, or none with --text-only (decode speed
+    without the vision tower)."""
+    return (TEXT_PROMPT, []) if args.image == "none" else (PROMPT, [args.image])
+
+
 def worker_ours(args) -> dict:
     t0 = time.perf_counter()
     # mlx_smolvlm first: it loads the optimized BLAS, which must precede mlx.core's import.
@@ -56,9 +65,10 @@ def worker_ours(args) -> dict:
 
     model, processor = load(args.checkpoint, dtype=args.dtype)
     load_s = time.perf_counter() - t0
+    prompt, images = test_inputs(args)
     stamps, start, result = [], time.perf_counter(), None
     for result in stream_generate(
-        model, processor, PROMPT, [args.image], max_tokens=args.max_tokens
+        model, processor, prompt, images or None, max_tokens=args.max_tokens
     ):
         stamps.append(time.perf_counter())
     report = token_times_report(
@@ -75,10 +85,11 @@ def worker_mlx_vlm(args) -> dict:
 
     model, processor = load(args.checkpoint)
     load_s = time.perf_counter() - t0
-    prompt = apply_chat_template(processor, model.config, PROMPT, num_images=1)
+    text, images = test_inputs(args)
+    prompt = apply_chat_template(processor, model.config, text, num_images=len(images))
     stamps, start, result = [], time.perf_counter(), None
     for result in stream_generate(
-        model, processor, prompt, image=[args.image], max_tokens=args.max_tokens
+        model, processor, prompt, image=images or None, max_tokens=args.max_tokens
     ):
         stamps.append(time.perf_counter())
     report = token_times_report(load_s, start, stamps, result.prompt_tokens)
@@ -93,7 +104,8 @@ def worker_transformers(args) -> dict:
     from transformers.models.idefics3 import Idefics3ImageProcessorPil
 
     checkpoint = Path(args.checkpoint)
-    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    dtype = getattr(torch, args.dtype)
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=dtype).eval()
     settings = json.loads((checkpoint / "preprocessor_config.json").read_text())
     settings = {
         k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class")
@@ -117,9 +129,13 @@ def worker_transformers(args) -> dict:
             pass
 
     start = time.perf_counter()
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(text=text, images=[Image.open(args.image)], return_tensors="pt")
+    prompt, images = test_inputs(args)
+    content = [{"type": "image"}] * len(images) + [{"type": "text", "text": prompt}]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True
+    )
+    images = [Image.open(path) for path in images] or None
+    inputs = processor(text=text, images=images, return_tensors="pt")
     with torch.inference_mode():
         model.generate(
             **inputs,
@@ -152,14 +168,22 @@ def build_checkpoint(config_dir: Path, out: Path) -> Path:
     return out
 
 
-def mlx_vlm_checkpoint(python: str, source: Path, out: Path) -> Path:
-    """mlx-vlm's own float32 conversion, with the flat rope_theta key it reads."""
+def convert_checkpoint(command: list[str], source: Path, out: Path, args) -> Path:
+    """`out`, converted from `source` with a converter's command line at the run's dtype and
+    quantization unless it is there already."""
     if not (out / "config.json").exists():
+        quantize = ["-q", "--q-bits", str(args.quantize)] if args.quantize else []
         subprocess.run(
-            [python, "-m", "mlx_vlm.convert", "--hf-path", str(source), "--mlx-path", str(out),
-             "--dtype", "float32"],
+            command + ["--hf-path", str(source), "--mlx-path", str(out), "--dtype", args.dtype]
+            + quantize,
             check=True,
         )  # fmt: skip
+    return out
+
+
+def mlx_vlm_checkpoint(python: str, source: Path, out: Path, args) -> Path:
+    """mlx-vlm's own conversion, with the flat rope_theta key it reads."""
+    convert_checkpoint([python, "-m", "mlx_vlm.convert"], source, out, args)
     config = json.loads((out / "config.json").read_text())
     text = config["text_config"]
     if "rope_theta" not in text:
@@ -248,7 +272,11 @@ def main() -> None:
     parser.add_argument("--image-size", default="1024x768", help="WIDTHxHEIGHT of the test image")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument("--quantize", type=int, help="bits: compare 4/8-bit conversions")
+    parser.add_argument(
+        "--text-only", action="store_true", help="no image: decode speed without the vision tower"
+    )
     parser.add_argument("--impl", default="mlx-smolvlm,mlx-vlm,transformers")
     parser.add_argument("--mlx-vlm-python", default=None, help="interpreter with mlx-vlm installed")
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -268,18 +296,25 @@ def main() -> None:
         if not list(args.model.glob("*.safetensors"))
         else args.model
     )
-    args.image = make_image(args.out / "image.png", args.image_size)
+    args.image = "none" if args.text_only else make_image(args.out / "image.png", args.image_size)
+    variant = args.dtype + (f"-q{args.quantize}" if args.quantize else "")
     workers = {}  # name -> (python, checkpoint)
     for name in args.impl.split(","):
-        if name != "mlx-vlm":
+        if name == "mlx-smolvlm":
+            path = checkpoint
+            if args.quantize:
+                ours = [sys.executable, "-m", "mlx_smolvlm.convert"]
+                path = convert_checkpoint(ours, checkpoint, args.out / f"{name}-{variant}", args)
+            workers[name] = (sys.executable, path)
+        elif name == "transformers" and not args.quantize:
             workers[name] = (sys.executable, checkpoint)
-        elif args.mlx_vlm_python:
-            mlx_vlm_path = mlx_vlm_checkpoint(
-                args.mlx_vlm_python, checkpoint, args.out / "mlx-vlm-checkpoint"
+        elif name == "mlx-vlm" and args.mlx_vlm_python:
+            path = mlx_vlm_checkpoint(
+                args.mlx_vlm_python, checkpoint, args.out / f"{name}-{variant}", args
             )
-            workers[name] = (args.mlx_vlm_python, mlx_vlm_path)
+            workers[name] = (args.mlx_vlm_python, path)
         else:
-            print("skipping mlx-vlm: pass --mlx-vlm-python", file=sys.stderr)
+            print(f"skipping {name}: not installed or not for this variant", file=sys.stderr)
     results: dict[str, list[dict]] = {name: [] for name in workers}
     # Round robin, so that a machine that slows down or speeds up mid-run favours no one.
     for rep in range(args.reps):

@@ -76,9 +76,8 @@ def _rope(x: np.ndarray, position: int, base: float) -> np.ndarray:
 
 
 def _rms_norm(x: np.ndarray, norm: nn.RMSNorm) -> np.ndarray:
-    return (
-        x * (np.float32(1.0) / np.sqrt(np.mean(x * x) + np.float32(norm.eps))) * _view(norm.weight)
-    )
+    mean_square = np.dot(x, x) / np.float32(x.size)  # a BLAS dot: a third of np.mean's time
+    return x * (np.float32(1.0) / np.sqrt(mean_square + np.float32(norm.eps))) * _view(norm.weight)
 
 
 def _linear(x: np.ndarray, linear: nn.Linear) -> np.ndarray:
@@ -112,13 +111,16 @@ def _attention(layer: Any, x: np.ndarray, cache: Any) -> np.ndarray:
     keys = _view(keys_owner)[0, :, :length]  # (kv_heads, length, head_dim)
     values = _view(values_owner)[0, :, :length]
     group = attn.n_heads // attn.n_kv_heads
-    q = (q * np.float32(attn.scale)).reshape(attn.n_kv_heads, group, head_dim)
-    # All kv heads at once (few numpy calls: each costs more than its arithmetic here).
-    scores = np.matmul(keys, q.transpose(0, 2, 1))  # (kv_heads, length, group)
-    scores -= scores.max(axis=1, keepdims=True)
+    # Keys times contiguous queries, (kv_heads, length, dims) @ (kv_heads, dims, group): the
+    # cached keys stream through BLAS as a plain product (queries times transposed keys runs
+    # ~5x slower for so few queries). The scores are then laid out with length last, so that
+    # the softmax reductions run along contiguous memory.
+    grouped = (q * np.float32(attn.scale)).reshape(attn.n_kv_heads, group, head_dim)
+    scores = np.matmul(keys, grouped.transpose(0, 2, 1).copy()).transpose(0, 2, 1).copy()
+    scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
-    scores /= scores.sum(axis=1, keepdims=True)
-    out = np.matmul(scores.transpose(0, 2, 1), values)  # (kv_heads, group, head_dim)
+    out = np.matmul(scores, values)  # (kv_heads, group, head_dim)
+    out /= scores.sum(axis=-1, keepdims=True)
     return _linear(out.reshape(-1), attn.o_proj)
 
 
