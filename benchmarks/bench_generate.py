@@ -279,6 +279,12 @@ def main() -> None:
     )
     parser.add_argument("--impl", default="mlx-smolvlm,mlx-vlm,transformers")
     parser.add_argument("--mlx-vlm-python", default=None, help="interpreter with mlx-vlm installed")
+    parser.add_argument(
+        "--mlx-smolvlm-python",
+        default=sys.executable,
+        help="interpreter for mlx-smolvlm (one without the test extras measures what users "
+        "install: torch, if present, is imported by transformers and adds ~180 MB)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -302,10 +308,10 @@ def main() -> None:
     for name in args.impl.split(","):
         if name == "mlx-smolvlm":
             path = checkpoint
-            if args.quantize:
+            if args.quantize or args.dtype != "float32":  # as mlx-vlm: its own conversion
                 ours = [sys.executable, "-m", "mlx_smolvlm.convert"]
                 path = convert_checkpoint(ours, checkpoint, args.out / f"{name}-{variant}", args)
-            workers[name] = (sys.executable, path)
+            workers[name] = (args.mlx_smolvlm_python, path)
         elif name == "transformers" and not args.quantize:
             workers[name] = (sys.executable, checkpoint)
         elif name == "mlx-vlm" and args.mlx_vlm_python:
