@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache
 from mlx_lm.sample_utils import make_sampler
 
 from .cpu_kernels import host_kernels
@@ -166,11 +166,16 @@ def _sample(logits: mx.array, params: Sequence[SamplingParams]) -> mx.array:
 
 def _prefill(
     model: Model, inputs: dict, capacity: int, step: int, vision_chunk_size: int
-) -> tuple[list[BatchKVCache], mx.array]:
-    """Run the padded prompts through the decoder in chunks; logits of the last position only."""
+) -> tuple[list[KVCache], mx.array]:
+    """Run the padded prompts through the decoder in chunks; logits of the last position only.
+
+    A batch of one has no padding and gets plain KV caches, so that its decode steps take the
+    same (on the CPU backend, host-kernel) path as `stream_generate`.
+    """
     padding = (inputs["attention_mask"] == 0).sum(axis=1).tolist()
     language = model.language_model
-    cache = [BatchKVCache(padding) for _ in language.layers]
+    single = len(padding) == 1
+    cache = [KVCache() if single else BatchKVCache(padding) for _ in language.layers]
     for c in cache:
         # One allocation for the whole generation instead of growing 256 tokens at a time.
         c.step = max(256, -(-capacity // 256) * 256)
@@ -183,7 +188,7 @@ def _prefill(
     length = embeddings.shape[1]
     for start in range(0, length, step):
         chunk = embeddings[:, start : start + step]
-        mask = _attention_mask(cache[0], chunk.shape[1])
+        mask = None if single else _attention_mask(cache[0], chunk.shape[1])  # None: causal
         hidden = language.hidden_states(cache=cache, input_embeddings=chunk, mask=mask)
         if start + step < length:
             mx.eval([c.state for c in cache])
@@ -191,10 +196,12 @@ def _prefill(
 
 
 def _decode_step(
-    model: Model, cache: list[BatchKVCache], tokens: mx.array, params: Sequence[SamplingParams]
+    model: Model, cache: list[KVCache], tokens: mx.array, params: Sequence[SamplingParams]
 ) -> mx.array:
-    """Feed one token per sequence and sample the next ones (lazily)."""
+    """Feed one token per sequence and sample the next ones (lazily, on the MLX path)."""
     language = model.language_model
+    if not isinstance(cache[0], BatchKVCache):
+        return _sample(language(tokens[:, None], cache=cache)[:, -1], params)
     mask = _attention_mask(cache[0], 1)
     hidden = language.hidden_states(tokens[:, None], cache=cache, mask=mask)
     return _sample(language.logits(hidden[:, -1]), params)
@@ -254,7 +261,8 @@ def batch_stream_generate(
     prompt_tps = sum(prompt_lengths) / (decode_start - start)
     while active:
         # Queue the next step before reading this one so that the device keeps busy.
-        following = _decode_step(model, cache, tokens, [params[i] for i in active])
+        with host_kernels():
+            following = _decode_step(model, cache, tokens, [params[i] for i in active])
         mx.async_eval(following)
         for i, token in zip(active, tokens.tolist()):
             sequence = sequences[i]
