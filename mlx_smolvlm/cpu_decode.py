@@ -4,7 +4,7 @@ Decoding reads every weight once per token, so its speed is the speed of matrix-
 products. MLX's CPU backend does them through `cblas_sgemm` (packing the weights, ~10 GB/s here)
 plus a fixed cost per operation; numpy's `gemv` streams the same float32 weights at the memory's
 bandwidth (~16 GB/s) and its small operations cost microseconds. With the weights and the KV
-cache shared with MLX (no copies), a step takes ~35 ms instead of ~75 ms on a 2-core x86 machine
+cache shared with MLX (no copies), a step takes ~38 ms instead of ~75 ms on a 2-core x86 machine
 for SmolVLM-256M. On Metal none of this applies and the MLX decoder runs.
 
 The KV cache stays mlx-lm's: each layer's new keys and values go through the cache's own
