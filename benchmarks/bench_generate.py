@@ -49,7 +49,7 @@ def token_times_report(load_s: float, start: float, stamps: list[float], prompt_
     }
 
 
-def test_inputs(args) -> tuple[str, list[str]]:
+def prompt_and_images(args) -> tuple[str, list[str]]:
     """The prompt and images of a run: the test image, or none with --text-only (decode speed
     without the vision tower)."""
     return (TEXT_PROMPT, []) if args.image == "none" else (PROMPT, [args.image])
@@ -65,7 +65,7 @@ def worker_ours(args) -> dict:
 
     model, processor = load(args.checkpoint, dtype=args.dtype)
     load_s = time.perf_counter() - t0
-    prompt, images = test_inputs(args)
+    prompt, images = prompt_and_images(args)
     stamps, start, result = [], time.perf_counter(), None
     for result in stream_generate(
         model, processor, prompt, images or None, max_tokens=args.max_tokens
@@ -85,7 +85,7 @@ def worker_mlx_vlm(args) -> dict:
 
     model, processor = load(args.checkpoint)
     load_s = time.perf_counter() - t0
-    text, images = test_inputs(args)
+    text, images = prompt_and_images(args)
     prompt = apply_chat_template(processor, model.config, text, num_images=len(images))
     stamps, start, result = [], time.perf_counter(), None
     for result in stream_generate(
@@ -129,7 +129,7 @@ def worker_transformers(args) -> dict:
             pass
 
     start = time.perf_counter()
-    prompt, images = test_inputs(args)
+    prompt, images = prompt_and_images(args)
     content = [{"type": "image"}] * len(images) + [{"type": "text", "text": prompt}]
     text = processor.apply_chat_template(
         [{"role": "user", "content": content}], add_generation_prompt=True
