@@ -52,7 +52,7 @@ def token_times_report(load_s: float, start: float, stamps: list[float], prompt_
 def prompt_and_images(args) -> tuple[str, list[str]]:
     """The prompt and images of a run: the test image, or none with --text-only (decode speed
     without the vision tower)."""
-    return (TEXT_PROMPT, []) if args.image == "none" else (PROMPT, [args.image])
+    return (TEXT_PROMPT, []) if args.text_only else (PROMPT, [args.image])
 
 
 def worker_ours(args) -> dict:
@@ -197,7 +197,8 @@ def run_worker(name: str, python: str, checkpoint: Path, args) -> dict:
     if name == "mlx-vlm" and sys.platform == "linux":
         env["LD_PRELOAD"] = OPENBLAS  # the same optimized BLAS mlx-smolvlm loads itself
     cmd = [python, __file__, "--worker", name, "--checkpoint", str(checkpoint),
-           "--image", str(args.image), "--max-tokens", str(args.max_tokens), "--dtype", args.dtype]  # fmt: skip
+           "--max-tokens", str(args.max_tokens), "--dtype", args.dtype]  # fmt: skip
+    cmd += ["--text-only"] if args.text_only else ["--image", str(args.image)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
@@ -302,7 +303,8 @@ def main() -> None:
         if not list(args.model.glob("*.safetensors"))
         else args.model
     )
-    args.image = "none" if args.text_only else make_image(args.out / "image.png", args.image_size)
+    if not args.text_only:
+        args.image = make_image(args.out / "image.png", args.image_size)
     variant = args.dtype + (f"-q{args.quantize}" if args.quantize else "")
     workers = {}  # name -> (python, checkpoint)
     for name in args.impl.split(","):

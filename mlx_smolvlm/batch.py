@@ -166,7 +166,7 @@ def _sample(logits: mx.array, params: Sequence[SamplingParams]) -> mx.array:
 
 def _prefill(
     model: Model, inputs: dict, capacity: int, step: int, vision_chunk_size: int
-) -> tuple[list[KVCache], mx.array]:
+) -> tuple[list, mx.array]:
     """Run the padded prompts through the decoder in chunks; logits of the last position only.
 
     A batch of one has no padding and gets plain KV caches, so that its decode steps take the
@@ -196,7 +196,7 @@ def _prefill(
 
 
 def _decode_step(
-    model: Model, cache: list[KVCache], tokens: mx.array, params: Sequence[SamplingParams]
+    model: Model, cache: list, tokens: mx.array, params: Sequence[SamplingParams]
 ) -> mx.array:
     """Feed one token per sequence and sample the next ones (lazily, on the MLX path)."""
     language = model.language_model

@@ -96,6 +96,7 @@ def use_host_kernels(module: nn.Module, x: mx.array) -> bool:
     )
 
 
+@cache
 def _threads() -> int:
     return os.cpu_count() or 1
 
