@@ -3,33 +3,99 @@
 Decoding reads every weight once per token, so its speed is the speed of matrix-vector
 products. MLX's CPU backend does them through `cblas_sgemm` (packing the weights, ~10 GB/s here)
 plus a fixed cost per operation; numpy's `gemv` streams the same float32 weights at the memory's
-bandwidth (~16 GB/s) and its small operations cost microseconds. With the weights and the KV
-cache shared with MLX (no copies), a step takes ~38 ms instead of ~75 ms on a 2-core x86 machine
-for SmolVLM-256M. On Metal none of this applies and the MLX decoder runs.
+bandwidth (~16 GB/s) and its small operations cost microseconds. Reading the weights through
+read-only views (no copies), a step takes ~38 ms instead of ~75 ms on a 2-core x86 machine for
+SmolVLM-256M. On Metal none of this applies and the MLX decoder runs.
 
-The KV cache stays mlx-lm's: each layer's new keys and values go through the cache's own
-`update_and_fetch` (so prompt-cache reuse, growth and bounded caches behave as on the MLX path)
-and attention reads the returned arrays in place.
+The keys and values live in `HostKVCache`, numpy memory of its own: the MLX prefill hands its
+keys to the cache (copied in) and gets copies back, the numpy step appends in place. It has
+mlx-lm's cache interface (offset, trim, quantization), so prompt-cache reuse works unchanged.
 """
 
 from __future__ import annotations
 
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import KVCache
 
-if TYPE_CHECKING:
-    from .language import LanguageModel
+from ..model.language import LanguageModel
+from .kernels import host_view
 
 
-def supported(model: LanguageModel, cache: list | None) -> bool:
-    """Whether the numpy step computes what the MLX decoder would for this model and cache."""
-    if not cache or not all(type(c) in (KVCache, RotatingKVCache) for c in cache):
-        return False  # quantized caches keep MLX's quantized attention
+class HostKVCache:
+    """One layer's keys and values for one sequence in numpy buffers, grown `step` at a time."""
+
+    step = 256
+
+    def __init__(self) -> None:
+        self.keys: np.ndarray | None = None  # (kv_heads, capacity, head_dim)
+        self.values: np.ndarray | None = None
+        self.offset = 0
+
+    def append(self, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Add (kv_heads, new, head_dim) keys and values; all of them so far, as views."""
+        new = keys.shape[1]
+        if self.keys is None or self.offset + new > self.keys.shape[1]:
+            capacity = -(-(self.offset + new) // self.step) * self.step
+            self.keys = self._grown(self.keys, keys, capacity)
+            self.values = self._grown(self.values, values, capacity)
+        self.keys[:, self.offset : self.offset + new] = keys
+        self.values[:, self.offset : self.offset + new] = values
+        self.offset += new
+        return self.keys[:, : self.offset], self.values[:, : self.offset]
+
+    def _grown(self, old: np.ndarray | None, like: np.ndarray, capacity: int) -> np.ndarray:
+        buffer = np.zeros((like.shape[0], capacity, like.shape[2]), dtype=np.float32)
+        if old is not None:
+            buffer[:, : self.offset] = old[:, : self.offset]
+        return buffer
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """mlx-lm's cache call from the MLX layers (prefill): copies in, copies out."""
+        if keys.shape[0] != 1:
+            raise ValueError("HostKVCache holds one sequence")
+        k, v = self.append(np.array(keys[0], dtype=np.float32), np.array(values[0], np.float32))
+        return mx.array(k)[None].astype(keys.dtype), mx.array(v)[None].astype(values.dtype)
+
+    @property
+    def state(self) -> tuple:
+        """Nothing for MLX to evaluate: the buffers are numpy's."""
+        return ()
+
+    def size(self) -> int:
+        return self.offset
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        """Forget the last `n` positions."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> Any:
+        """mlx-lm's quantized cache holding the same positions (for `kv_bits`)."""
+        plain = KVCache()
+        if self.offset:
+            keys, values = (mx.array(b[:, : self.offset])[None] for b in (self.keys, self.values))
+            plain.update_and_fetch(keys, values)
+        return plain.to_quantized(group_size=group_size, bits=bits)
+
+
+def supported(model: LanguageModel) -> bool:
+    """Whether the numpy step computes what the MLX decoder would for this model."""
     head = model.embed_tokens if model.config.tie_word_embeddings else model.lm_head
     linears = [head] + [
         linear
@@ -51,14 +117,6 @@ def supported(model: LanguageModel, cache: list | None) -> bool:
     )
 
 
-def _view(x: mx.array) -> np.ndarray:
-    """An MLX array as numpy, sharing its memory (evaluated first: a lazy one has no data).
-
-    The view does not keep `x`'s memory alive: callers hold `x` while they use it."""
-    mx.eval(x)
-    return np.array(x, copy=False)
-
-
 @cache
 def _inverse_frequencies(dims: int, base: float) -> np.ndarray:
     # float32 throughout, as the reference computes its rotary tables.
@@ -77,39 +135,24 @@ def _rope(x: np.ndarray, position: int, base: float) -> np.ndarray:
 
 def _rms_norm(x: np.ndarray, norm: nn.RMSNorm) -> np.ndarray:
     mean_square = np.dot(x, x) / np.float32(x.size)  # a BLAS dot: a third of np.mean's time
-    return x * (np.float32(1.0) / np.sqrt(mean_square + np.float32(norm.eps))) * _view(norm.weight)
+    return (
+        x * (np.float32(1.0) / np.sqrt(mean_square + np.float32(norm.eps))) * host_view(norm.weight)
+    )
 
 
 def _linear(x: np.ndarray, linear: nn.Linear) -> np.ndarray:
-    out = _view(linear.weight) @ x
-    return out + _view(linear.bias) if "bias" in linear else out
+    out = host_view(linear.weight) @ x
+    return out + host_view(linear.bias) if "bias" in linear else out
 
 
-def _append(cache: Any, k: np.ndarray, v: np.ndarray) -> tuple[mx.array, mx.array, int]:
-    """Add one position to the cache; the MLX arrays holding its keys and values so far, and
-    how many positions of them are in use."""
-    if type(cache) is KVCache and cache.keys is not None and cache.offset < cache.keys.shape[2]:
-        # Room left in mlx-lm's buffer: write in place, as its own slice update would, without
-        # a round trip through MLX's scheduler for each layer.
-        _view(cache.keys)[0, :, cache.offset] = k
-        _view(cache.values)[0, :, cache.offset] = v
-        cache.offset += 1
-        return cache.keys, cache.values, cache.offset
-    keys, values = cache.update_and_fetch(mx.array(k[None, :, None]), mx.array(v[None, :, None]))
-    return keys, values, keys.shape[2]
-
-
-def _attention(layer: Any, x: np.ndarray, cache: Any) -> np.ndarray:
+def _attention(layer: Any, x: np.ndarray, cache: HostKVCache) -> np.ndarray:
     attn = layer.self_attn
     head_dim = attn.rope.dims
     position = cache.offset
     q = _rope(_linear(x, attn.q_proj).reshape(attn.n_heads, head_dim), position, attn.rope.base)
     k = _rope(_linear(x, attn.k_proj).reshape(attn.n_kv_heads, head_dim), position, attn.rope.base)
     v = _linear(x, attn.v_proj).reshape(attn.n_kv_heads, head_dim)
-    # The MLX arrays must stay referenced while numpy reads them: a view does not keep them alive.
-    keys_owner, values_owner, length = _append(cache, k, v)
-    keys = _view(keys_owner)[0, :, :length]  # (kv_heads, length, head_dim)
-    values = _view(values_owner)[0, :, :length]
+    keys, values = cache.append(k[:, None], v[:, None])  # (kv_heads, length, head_dim)
     group = attn.n_heads // attn.n_kv_heads
     # Keys times contiguous queries, (kv_heads, length, dims) @ (kv_heads, dims, group): the
     # cached keys stream through BLAS as a plain product (queries times transposed keys runs
@@ -130,10 +173,12 @@ def _mlp(mlp: Any, x: np.ndarray) -> np.ndarray:
     return _linear(silu * _linear(x, mlp.up_proj), mlp.down_proj)
 
 
-def decode_step(model: LanguageModel, token: int | None, embedding: Any, cache: list) -> mx.array:
+def decode_step(
+    model: LanguageModel, token: int | None, embedding: Any, cache: list[HostKVCache]
+) -> mx.array:
     """Logits (1, 1, vocab) for one new token (or input embedding), appending to `cache`."""
     if embedding is None:
-        x = _view(model.embed_tokens.weight)[token].copy()
+        x = host_view(model.embed_tokens.weight)[token].copy()
     else:
         x = np.array(embedding, dtype=np.float32).reshape(-1)
     for layer, layer_cache in zip(model.layers, cache):
@@ -141,4 +186,4 @@ def decode_step(model: LanguageModel, token: int | None, embedding: Any, cache: 
         x = x + _mlp(layer.mlp, _rms_norm(x, layer.post_attention_layernorm))
     x = _rms_norm(x, model.norm)
     head = model.embed_tokens if model.config.tie_word_embeddings else model.lm_head
-    return mx.array((_view(head.weight) @ x)[None, None])
+    return mx.array((host_view(head.weight) @ x)[None, None])

@@ -1,4 +1,4 @@
-"""Text generation about images: the Python API and `python -m mlx_smolvlm.generate`.
+"""Text generation about images: `stream_generate`, `generate` and the inputs they build.
 
 The token loop is mlx-lm's `generate_step` (chunked prefill that only evaluates the KV cache,
 logits for the last prompt position only, asynchronous decode). What is SmolVLM-specific
@@ -8,23 +8,19 @@ conversation's KV cache so that a new turn prefills only its new tokens and new 
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import click
 import mlx.core as mx
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import KVCache, RotatingKVCache, can_trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .cpu_kernels import host_kernels
-from .model import Model
-
-DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
-IMAGE_TYPES = ("image", "image_url")
+from ..backends.cpu import prepare
+from ..model import Model
+from ..processing.messages import prompt_messages
+from .cache import PromptCache
 
 
 @dataclass
@@ -42,120 +38,28 @@ class GenerationResult:
     finish_reason: str | None = None  # "stop" (end-of-turn token) or "length" (max_tokens)
 
 
-class PromptCache:
-    """A conversation's KV cache and the token ids it holds, reused across turns.
-
-    With `max_kv_size` the cache is bounded; it always keeps the first prompt's tokens up to
-    its last image token, so images are never evicted.
-    """
-
-    def __init__(self, model: Model, max_kv_size: int | None = None):
-        self.model = model
-        self.max_kv_size = max_kv_size
-        self.cache: list | None = None
-        self.tokens: list[int] = []
-
-    def reuse(self, ids: list[int], image_token_id: int, image_seq_len: int) -> int:
-        """Keep the longest cached prefix of `ids` that ends outside an image; return its length."""
-        if self.cache is not None and not can_trim_prompt_cache(self.cache):
-            self.cache, self.tokens = None, []  # a rotated cache cannot be rewound
-        common = 0
-        for cached, new in zip(self.tokens, ids):
-            if cached != new:
-                break
-            common += 1
-        common = min(common, len(ids) - 1)  # at least one token must be fed for logits
-        # Never split an image's block of <image> tokens between cache and new input.
-        while common > 0 and ids[common] == image_token_id and ids[common - 1] == image_token_id:
-            common -= 1
-        if self.cache is not None and common < len(self.tokens):
-            for c in self.cache:
-                c.trim(len(self.tokens) - common)
-        self.tokens = self.tokens[:common]
-        return common
-
-    def ensure(self, ids: list[int], image_token_id: int, capacity: int) -> list:
-        """The per-layer caches, created on first use and sized for `capacity` tokens."""
-        if self.cache is None:
-            if self.max_kv_size is not None:
-                images = [i for i, t in enumerate(ids) if t == image_token_id]
-                keep = images[-1] + 1 if images else 0
-                if keep >= self.max_kv_size:
-                    raise ValueError(
-                        f"max_kv_size {self.max_kv_size} cannot hold the {keep} prompt tokens "
-                        "up to the last image, which are never evicted"
-                    )
-                self.cache = [
-                    RotatingKVCache(max_size=self.max_kv_size, keep=keep)
-                    for _ in self.model.language_model.layers
-                ]
-            else:
-                self.cache = self.model.make_cache()
-        for c in self.cache:
-            if isinstance(c, KVCache):
-                # One allocation for the whole generation instead of growing 256 tokens at a time.
-                c.step = max(256, -(-capacity // 256) * 256)
-        return self.cache
-
-
-def images_from_messages(messages: list[dict]) -> list[Any]:
-    """Image sources named inside chat messages, in order (None where only a placeholder)."""
-    found = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            for item in content:
-                if item.get("type") in IMAGE_TYPES:
-                    found.append(image_source(item))
-    return found
-
-
-def image_source(item: dict) -> Any:
-    """The image an `image` / `image_url` message part names, or None for a bare placeholder."""
-    for key in ("image", "path", "url"):
-        if item.get(key) is not None:
-            return item[key]
-    url = item.get("image_url")
-    return url.get("url") if isinstance(url, dict) else url
-
-
-def normalize_messages(messages: list[dict]) -> list[dict]:
-    """Map OpenAI-style `image_url` parts onto the template's `image` type."""
-    out = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            content = [
-                {**item, "type": "image"} if item.get("type") == "image_url" else item
-                for item in content
-            ]
-        out.append({**message, "content": content})
-    return out
-
-
-def videos_from_messages(messages: list[dict], extra: list[Any]) -> list[Any]:
-    """Sources of the messages' video parts; bare `{"type": "video"}` parts take `extra` in order."""
-    named = [
-        next((item[k] for k in ("video", "path", "url") if item.get(k) is not None), None)
-        for message in messages
-        if isinstance(message.get("content"), list)
-        for item in message["content"]
-        if item.get("type") == "video"
-    ]
-    if named.count(None) != len(extra):
-        raise ValueError(
-            f"the messages have {named.count(None)} video parts without a source "
-            f"but {len(extra)} videos were given"
-        )
-    pending = iter(extra)
-    return [next(pending) if src is None else src for src in named]
-
-
 def _as_list(value: Any) -> list[Any]:
     """None -> [], a list or tuple -> a list, anything else -> [value]."""
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def render_prompt(
+    processor: Any,
+    prompt: str | list[dict],
+    image: Any = None,
+    system: str | None = None,
+    video: Any = None,
+) -> tuple[str, list[Any], list[Any]]:
+    """The chat-template text of a prompt string or chat messages, with its images and videos.
+
+    `video` (a file path or a `processing.video.Video`, or a list of them) goes before the
+    images of a string prompt, or fills the bare video parts of chat messages; `image` fills
+    the bare image parts, the rest follow.
+    """
+    messages, images, videos = prompt_messages(prompt, _as_list(image), _as_list(video), system)
+    return processor.apply_chat_template(messages, add_generation_prompt=True), images, videos
 
 
 def prepare_inputs(
@@ -166,36 +70,8 @@ def prepare_inputs(
     video: Any = None,
     **image_kwargs: Any,
 ) -> dict:
-    """Render the chat template for `prompt` and process it with its images and videos.
-
-    `video` (a file path or a `video_processing.Video`, or a list of them) goes before the
-    images of a string prompt, or fills the bare video parts of chat messages.
-    """
-    from .processing import build_messages
-
-    extra = _as_list(image)
-    videos = _as_list(video)
-    if isinstance(prompt, str):
-        messages = build_messages(prompt, len(extra), system, num_videos=len(videos))
-        images = extra
-    else:
-        messages = normalize_messages(prompt)
-        if system is not None:
-            messages = [
-                {"role": "system", "content": [{"type": "text", "text": system}]},
-                *messages,
-            ]
-        named = images_from_messages(messages)
-        pending = iter(extra)
-        images = [src if src is not None else next(pending, None) for src in named]
-        if any(src is None for src in images):
-            raise ValueError(
-                f"the messages have {len(named)} image parts but only "
-                f"{len(extra) + len(named) - images.count(None)} images were given"
-            )
-        images += list(pending)
-        videos = videos_from_messages(messages, videos)
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    """Render the chat template for `prompt` and process it with its images and videos."""
+    text, images, videos = render_prompt(processor, prompt, image, system, video)
     return processor(
         text=text,
         images=images or None,
@@ -232,6 +108,7 @@ def stream_generate(
     `video` adds a video (SmolVLM2); `fps` and `max_frames` in `image_kwargs` override the
     checkpoint's frame sampling.
     """
+    prepare(model)
     if seed is not None:
         mx.random.seed(seed)
     if kv_bits is not None and max_kv_size is not None:
@@ -254,12 +131,11 @@ def stream_generate(
     if "pixel_values" in inputs and config.image_token_id in new_ids:
         # Tiles whose <image> tokens are already in the cache are not encoded again.
         first = ids[:reused].count(config.image_token_id) // config.image_seq_len
-        with host_kernels():
-            features = model.get_image_features(
-                inputs["pixel_values"][:, first:],
-                inputs["pixel_attention_mask"][:, first:],
-                chunk_size=vision_chunk_size,
-            )
+        features = model.get_image_features(
+            inputs["pixel_values"][:, first:],
+            inputs["pixel_attention_mask"][:, first:],
+            chunk_size=vision_chunk_size,
+        )
     embeddings = model.embed([new_ids], image_features=features)[0]
 
     sampler = make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
@@ -267,20 +143,18 @@ def stream_generate(
     stops = tokenizer.eos_token_ids
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
-    steps = with_host_kernels(
-        generate_step(
-            mx.array(new_ids),
-            model.language_model,
-            max_tokens=max_tokens,
-            sampler=sampler,
-            logits_processors=processors,
-            prompt_cache=cache,
-            prefill_step_size=prefill_step_size,
-            kv_bits=kv_bits,
-            kv_group_size=kv_group_size,
-            quantized_kv_start=0,
-            input_embeddings=embeddings,
-        )
+    steps = generate_step(
+        mx.array(new_ids),
+        model.language_model,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=processors,
+        prompt_cache=cache,
+        prefill_step_size=prefill_step_size,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        quantized_kv_start=0,
+        input_embeddings=embeddings,
     )
     result = GenerationResult(prompt_tokens=len(new_ids))
     decode_start = start
@@ -309,16 +183,6 @@ def stream_generate(
     fed = new_ids + result.token_ids + ([result.token] if result.finish_reason == "stop" else [])
     prompt_cache.tokens = (prompt_cache.tokens + fed)[: cache[0].offset]
     yield result
-
-
-def with_host_kernels(steps: Iterator[Any]) -> Iterator[Any]:
-    """Run each step of a generation loop inside `host_kernels()`, but not the caller's code."""
-    while True:
-        with host_kernels():
-            item = next(steps, None)
-        if item is None:
-            return
-        yield item
 
 
 def generate(
@@ -351,176 +215,3 @@ def print_stats(result: GenerationResult) -> None:
         f"Generation: {result.generation_tokens} tokens, {result.generation_tps:.3f} tokens-per-sec"
     )
     print(f"Peak memory: {result.peak_memory:.3f} GB")
-
-
-def image_options(f):
-    """The processor's image options, shared by the generate and chat commands."""
-    options = [
-        click.option(
-            "--resize-shape",
-            type=int,
-            nargs=2,
-            default=None,
-            help="Resize every input image to HEIGHT WIDTH before processing.",
-        ),
-        click.option(
-            "--no-image-splitting",
-            is_flag=True,
-            help="Encode each image as one tile (fewer tokens, less detail).",
-        ),
-        click.option(
-            "--longest-edge",
-            type=int,
-            default=None,
-            help="Resize images to this longest edge before tiling (checkpoint default otherwise).",
-        ),
-        click.option(
-            "--max-tiles",
-            type=int,
-            default=None,
-            help="At most this many tiles per image (plus the global view): saves tokens.",
-        ),
-        click.option(
-            "--no-upscale",
-            is_flag=True,
-            help="Do not upscale images smaller than the longest edge.",
-        ),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def image_kwargs_from_cli(resize_shape, no_image_splitting, longest_edge, max_tiles, no_upscale):
-    """Processor keyword arguments for the image options given on the command line."""
-    kwargs: dict[str, Any] = {}
-    if no_image_splitting:
-        kwargs["do_image_splitting"] = False
-    if longest_edge is not None:
-        kwargs["longest_edge"] = longest_edge
-    if max_tiles is not None:
-        kwargs["max_tiles"] = max_tiles
-    if no_upscale:
-        kwargs["upscale"] = False
-    return kwargs
-
-
-def load_images(paths: tuple[str, ...], resize_shape: tuple[int, int] | None) -> list[Any]:
-    """Load the images named on the command line, resized if asked."""
-    from PIL import Image
-
-    from .image_processing import load_image
-
-    images = [load_image(p) for p in paths]
-    if resize_shape:
-        height, width = resize_shape
-        images = [im.resize((width, height), Image.Resampling.LANCZOS) for im in images]
-    return images
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--model", default=DEFAULT_MODEL, show_default=True, help="Hub repo id or local path."
-)
-@click.option("--image", multiple=True, help="Image path or URL; repeat for several images.")
-@click.option("--video", default=None, help="Video file (mp4, mov, webm, gif...); needs PyAV.")
-@click.option("--fps", type=float, default=None, help="Video frames sampled per second [1].")
-@click.option("--max-frames", type=int, default=None, help="Most video frames sampled [64].")
-@click.option(
-    "--prompt", default=None, help="The question [Describe this image. / Describe this video.]"
-)
-@click.option("--system", default=None, help="System prompt.")
-@click.option("--max-tokens", default=256, show_default=True, help="Most tokens to generate.")
-@click.option("--temperature", "--temp", default=0.0, show_default=True, help="0 is greedy.")
-@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling threshold.")
-@click.option("--top-k", default=0, show_default=True, help="Sample from the k likeliest (0: off).")
-@click.option("--min-p", default=0.0, show_default=True, help="Minimum relative probability.")
-@click.option("--repetition-penalty", type=float, default=None, help="e.g. 1.1; off by default.")
-@click.option("--seed", type=int, default=None, help="Random seed for reproducible sampling.")
-@click.option(
-    "--adapter-path", default=None, help="LoRA adapters to apply (from mlx_smolvlm.lora)."
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
-    default=None,
-    help="Compute dtype (default: float32 on the CPU backend, the checkpoint's on Metal).",
-)
-@image_options
-@click.option(
-    "--kv-bits", type=click.Choice(["4", "8"]), default=None, help="Quantize the KV cache."
-)
-@click.option("--max-kv-size", type=int, default=None, help="Bound the KV cache (images kept).")
-@click.option(
-    "--verbose/--quiet", default=True, show_default=True, help="Print statistics at the end."
-)
-def main(
-    model,
-    image,
-    video,
-    fps,
-    max_frames,
-    prompt,
-    system,
-    max_tokens,
-    temperature,
-    top_p,
-    top_k,
-    min_p,
-    repetition_penalty,
-    seed,
-    adapter_path,
-    dtype,
-    resize_shape,
-    no_image_splitting,
-    longest_edge,
-    max_tiles,
-    no_upscale,
-    kv_bits,
-    max_kv_size,
-    verbose,
-):
-    """Answer PROMPT about the given images or video with a SmolVLM model, streaming the text."""
-    from .loading import load
-
-    if video is None and (fps is not None or max_frames is not None):
-        raise click.UsageError("--fps and --max-frames apply to --video")
-    prompt = prompt or ("Describe this video." if video else "Describe this image.")
-    # Unset sampling options fall back to the checkpoint's video_sampling.
-    sampling = {k: v for k, v in {"fps": fps, "max_frames": max_frames}.items() if v is not None}
-    try:
-        images = load_images(image, resize_shape)
-        vlm, processor = load(model, adapter_path=adapter_path, dtype=dtype)
-        result = GenerationResult()
-        for result in stream_generate(
-            vlm,
-            processor,
-            prompt,
-            images,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            system=system,
-            kv_bits=int(kv_bits) if kv_bits else None,
-            max_kv_size=max_kv_size,
-            video=video,
-            **sampling,
-            **image_kwargs_from_cli(
-                resize_shape, no_image_splitting, longest_edge, max_tiles, no_upscale
-            ),
-        ):
-            print(result.text, end="", flush=True)
-        print()
-    except (FileNotFoundError, ValueError, OSError, ImportError) as e:
-        raise click.ClickException(str(e)) from e
-    if verbose:
-        print_stats(result)
-    sys.stdout.flush()
-
-
-if __name__ == "__main__":
-    main()

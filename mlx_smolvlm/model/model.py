@@ -11,21 +11,8 @@ import numpy as np
 from .config import ModelConfig
 from .connector import Connector
 from .language import LanguageModel
+from .mask import padding_mask
 from .vision import VisionModel
-
-
-def padding_mask(attention_mask: np.ndarray, length: int) -> mx.array:
-    """Causal mask that also hides padded keys, for the last `length` of the masked positions.
-
-    Each query may always see itself so rows of padding tokens are never empty (an all-masked
-    row makes NaNs that would leak through the attention weights' zeros).
-    """
-    total = attention_mask.shape[1]
-    queries = np.arange(total - length, total)[:, None]
-    keys = np.arange(total)[None, :]
-    visible = (keys <= queries) & attention_mask.astype(bool)[:, None, :]
-    visible |= keys == queries
-    return mx.array(visible[:, None])
 
 
 class Model(nn.Module):

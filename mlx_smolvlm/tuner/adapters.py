@@ -1,29 +1,27 @@
-"""LoRA adapters: which layers get them, saving and loading them, and the fine-tuning CLI.
+"""LoRA adapters: which layers get them, adding them, saving, loading, applying and fusing them.
 
-`python -m mlx_smolvlm.lora --model ... --data ...` trains adapters (QLoRA when the model
-is quantized); `apply_adapters` puts saved ones back on a loaded model. The training loop
-lives in `mlx_smolvlm.trainer`.
+Adapters are mlx-lm's `LoRALinear` layers (QLoRA when the base layer is quantized), saved as
+adapters.safetensors beside adapter_config.json.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-import click
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
+
+from ..utils import atomic
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
 ADAPTER_FORMAT = "mlx-smolvlm-lora"
 LINEAR = (nn.Linear, nn.QuantizedLinear)
 CONNECTOR_MODULE = "connector.modality_projection.proj"
-DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
 
 
 class AdapterError(ValueError):
@@ -112,29 +110,12 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
     }
 
 
-def atomic_write_text(file: Path, text: str) -> None:
-    """Write `file` through a temporary file and a rename, so readers never see half of it."""
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, file)
-
-
-def atomic_save_safetensors(
-    file: Path, arrays: dict[str, mx.array], metadata: dict | None = None
-) -> None:
-    """`mx.save_safetensors` through a temporary file and a rename."""
-    # mx.save_safetensors appends ".safetensors" to names without it.
-    tmp = file.with_name(f".{file.stem}.{os.getpid()}.tmp.safetensors")
-    mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
-    os.replace(tmp, file)
-
-
 def save_adapters(model: nn.Module, adapter_path: str | Path, config: dict[str, Any]) -> None:
     """Write adapters.safetensors and adapter_config.json into `adapter_path` atomically."""
     path = Path(adapter_path)
     path.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(path / ADAPTER_FILE, adapter_weights(model), {"format": "mlx"})
-    atomic_write_text(path / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    atomic.save_safetensors(path / ADAPTER_FILE, adapter_weights(model), {"format": "mlx"})
+    atomic.write_json(path / CONFIG_FILE, config)
 
 
 def read_adapter_config(adapter_path: str | Path) -> dict[str, Any]:
@@ -194,156 +175,12 @@ def apply_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
     return model
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--model",
-    default=DEFAULT_MODEL,
-    show_default=True,
-    help="Hub repo id or local path (quantized: QLoRA).",
-)
-@click.option(
-    "--data",
-    required=True,
-    help="Directory with train.jsonl (and valid.jsonl), or a training JSONL file.",
-)
-@click.option(
-    "--valid-data", default=None, help="Validation JSONL file (default: valid.jsonl beside --data)."
-)
-@click.option(
-    "--iters",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Training steps [default: 1000 unless --epochs].",
-)
-@click.option(
-    "--epochs",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Passes over the training set instead of --iters.",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=4,
-    show_default=True,
-    help="Records per step.",
-)
-@click.option(
-    "--learning-rate", type=float, default=1e-4, show_default=True, help="Adam learning rate."
-)
-@click.option(
-    "--lora-rank", type=click.IntRange(min=1), default=8, show_default=True, help="LoRA rank r."
-)
-@click.option(
-    "--lora-alpha",
-    type=float,
-    default=16.0,
-    show_default=True,
-    help="LoRA alpha (scale = alpha / r).",
-)
-@click.option(
-    "--lora-dropout",
-    type=click.FloatRange(0, 1, max_open=True),
-    default=0.0,
-    show_default=True,
-    help="Dropout on the LoRA input.",
-)
-@click.option(
-    "--lora-layers",
-    type=int,
-    default=-1,
-    show_default=True,
-    help="Adapt the last N decoder blocks (-1: all).",
-)
-@click.option(
-    "--target-modules",
-    default="all",
-    show_default=True,
-    help="Comma-separated layer names (q_proj,v_proj,...) or 'all' linear layers.",
-)
-@click.option(
-    "--train-vision", is_flag=True, help="LoRA on the vision tower and the connector too."
-)
-@click.option(
-    "--grad-checkpoint",
-    is_flag=True,
-    help="Recompute decoder activations in the backward pass (less memory).",
-)
-@click.option(
-    "--max-seq-length",
-    type=click.IntRange(min=2),
-    default=2048,
-    show_default=True,
-    help="Longer records are an error (never truncated).",
-)
-@click.option(
-    "--save-every",
-    type=click.IntRange(min=1),
-    default=100,
-    show_default=True,
-    help="Checkpoint every N steps (and at the end).",
-)
-@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --adapter-path.")
-@click.option(
-    "--adapter-path",
-    default="adapters",
-    show_default=True,
-    help="Output directory for adapters and checkpoints.",
-)
-@click.option(
-    "--seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Seed for LoRA init, data order and dropout.",
-)
-@click.option(
-    "--steps-per-eval",
-    type=click.IntRange(min=1),
-    default=100,
-    show_default=True,
-    help="Validation loss every N steps.",
-)
-@click.option(
-    "--val-batches",
-    type=int,
-    default=25,
-    show_default=True,
-    help="Validation batches per evaluation (-1: all).",
-)
-@click.option(
-    "--train-on-all",
-    is_flag=True,
-    help="Loss on every text token, not only the assistant's answers.",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
-    default=None,
-    help="Compute dtype of the base model.",
-)
-@click.option("--no-image-splitting", is_flag=True, help="Encode each image as one tile.")
-@click.option(
-    "--longest-edge",
-    type=int,
-    default=None,
-    help="Resize images to this longest edge before tiling.",
-)
-@click.option("--max-tiles", type=int, default=None, help="At most this many tiles per image.")
-def main(**options: Any) -> None:
-    """Fine-tune LoRA adapters for a SmolVLM model on image-text conversations."""
-    from .trainer import TrainingError, run_training
-
-    try:
-        run_training(**options)
-    except (TrainingError, AdapterError, FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
-    except KeyboardInterrupt:
-        raise click.ClickException(
-            f"interrupted: rerun with --resume to continue from the last checkpoint in "
-            f"{options['adapter_path']}"
-        ) from None
-
-
-if __name__ == "__main__":
-    main()
+def fuse_lora(model: nn.Module, dequantize: bool = False) -> None:
+    """Replace every LoRA layer by a plain (or re-quantized) linear layer."""
+    fused = [
+        (name, m.fuse(dequantize=dequantize))
+        for name, m in model.named_modules()
+        if isinstance(m, LoRALinear)
+    ]
+    if fused:
+        model.update_modules(tree_unflatten(fused))

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,23 +23,22 @@ from PIL import Image
 from reference import copy_tokenizer_files, tiny_config_for_real_tokenizer
 
 from mlx_smolvlm import fuse as fuse_cli
-from mlx_smolvlm import load, trainer
+from mlx_smolvlm import generate, load
 from mlx_smolvlm import lora as lora_cli
-from mlx_smolvlm.config import ModelConfig
-from mlx_smolvlm.generate import generate
-from mlx_smolvlm.image_processing import load_image
-from mlx_smolvlm.lora import AdapterError, apply_adapters, select_modules
-from mlx_smolvlm.model import Model
+from mlx_smolvlm.lora import run_training
+from mlx_smolvlm.model import Model, ModelConfig
 from mlx_smolvlm.processing import Processor
-from mlx_smolvlm.trainer import (
+from mlx_smolvlm.processing.image import load_image
+from mlx_smolvlm.tuner import trainer
+from mlx_smolvlm.tuner.adapters import AdapterError, apply_adapters, select_modules
+from mlx_smolvlm.tuner.datasets import (
     TrainingError,
     encode_conversation,
     image_grid,
     load_dataset,
-    loss_fn,
     make_batch,
-    run_training,
 )
+from mlx_smolvlm.tuner.trainer import loss_fn
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -418,6 +423,73 @@ def test_fused_model_equals_base_plus_adapters(trained, checkpoint, processor, d
     assert result.exit_code != 0 and "--force" in result.output
 
 
+def fuse_killed_at(pause: str, args: list[str]) -> None:
+    """Run `python -m mlx_smolvlm.fuse ARGS` and SIGKILL it at `pause`."""
+    env = {**os.environ, "MLX_SMOLVLM_PAUSE_AT": pause}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "mlx_smolvlm.fuse", *args],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    deadline = time.monotonic() + 300
+    line = ""
+    while f"[paused at {pause}]" not in line:
+        line = child.stderr.readline()
+        assert line or child.poll() is None, f"fuse ended before {pause}"
+        assert time.monotonic() < deadline
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+
+
+def listing(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+@pytest.mark.parametrize("pause", ["staged", "swapped"])
+def test_sigkilled_fuse_leaves_old_or_new_model(trained, checkpoint, tmp_path, pause):
+    adapters, _ = trained
+    target = tmp_path / "fused"
+    shutil.copytree(checkpoint, target)  # an old model at the target
+    old = listing(target)
+    args = ["--model", str(checkpoint), "--adapter-path", str(adapters)]
+    fuse_killed_at(pause, [*args, "--save-path", str(target), "--force"])
+    assert any(p.name.startswith(".fused.") for p in tmp_path.iterdir())  # what the kill left
+    reference = fuse_cli.fuse(checkpoint, adapters, tmp_path / "reference")
+    assert listing(target) == (listing(reference) if pause == "swapped" else old)
+    fuse_cli.fuse(checkpoint, adapters, target, force=True)  # the next run cleans up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused", "reference"]
+    assert target.stat().st_mode & 0o777 == 0o755
+
+
+def test_fuse_disk_full_is_one_line_and_leaves_nothing(trained, checkpoint, tmp_path, monkeypatch):
+    adapters, _ = trained
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mx, "save_safetensors", full)
+    target = tmp_path / "fused"
+    args = ["--model", str(checkpoint), "--adapter-path", str(adapters), "--save-path", str(target)]
+    result = CliRunner().invoke(fuse_cli.main, args)
+    assert result.exit_code == 1 and "No space left on device" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fuse_refuses_a_folder_that_is_not_a_model(trained, checkpoint, tmp_path):
+    adapters, _ = trained
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "sub").mkdir()
+    args = ["--model", str(checkpoint), "--adapter-path", str(adapters), "--force"]
+    result = CliRunner().invoke(fuse_cli.main, [*args, "--save-path", str(tmp_path)])
+    assert result.exit_code == 1 and "not a model's" in result.output
+    result = CliRunner().invoke(fuse_cli.main, [*args, "--save-path", str(checkpoint.parent)])
+    assert result.exit_code == 1 and "source checkpoint" in result.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_fused_quantized_model_with_dequantize(quantized_checkpoint, processor, data, tmp_path):
     run_training(**train_args(quantized_checkpoint, data, tmp_path / "q", iters=3, val_batches=0))
     fused = fuse_cli.fuse(quantized_checkpoint, tmp_path / "q", tmp_path / "fused", dequantize=True)
@@ -531,7 +603,7 @@ def test_cli_help_documents_every_flag():
 def test_example_script_runs(checkpoint, tmp_path):
     import importlib.util
 
-    file = Path(__file__).resolve().parents[1] / "examples" / "finetune_captions.py"
+    file = Path(__file__).resolve().parents[2] / "examples" / "finetune_captions.py"
     spec = importlib.util.spec_from_file_location("finetune_captions", file)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
