@@ -25,7 +25,14 @@ from .tuner.adapters import (
     select_modules,
 )
 from .tuner.datasets import TrainingError, data_files, load_dataset
-from .tuner.trainer import DEFAULT_ITERS, TrainingArgs, check_resumable, train
+from .tuner.trainer import (
+    DEFAULT_ITERS,
+    SCHEDULES,
+    TrainingArgs,
+    check_resumable,
+    train,
+)
+from .tuner.trainer import learning_rate as learning_rate_schedule
 from .utils.options import dtype_option, image_kwargs, model_option, tiling_options
 
 
@@ -56,6 +63,10 @@ def run_training(
     no_image_splitting: bool = False,
     longest_edge: int | None = None,
     max_tiles: int | None = None,
+    grad_accumulation: int = 1,
+    lr_schedule: str = "constant",
+    warmup: int = 0,
+    compile: bool = True,
     progress: bool = True,
 ) -> list[dict]:
     """Everything `python -m mlx_smolvlm.lora` does: check data, add LoRA, train, save."""
@@ -92,11 +103,22 @@ def run_training(
     vlm.freeze()
     add_lora(vlm, config["modules"], config["lora_parameters"])
     if epochs is not None:
-        iters = epochs * math.ceil(len(train_set) / batch_size)
+        iters = epochs * math.ceil(len(train_set) / (batch_size * grad_accumulation))
     args = TrainingArgs(
-        iters or DEFAULT_ITERS, batch_size, learning_rate, steps_per_eval, val_batches,
-        save_every, grad_checkpoint, seed,
-    )  # fmt: skip
+        iters=iters or DEFAULT_ITERS,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        steps_per_eval=steps_per_eval,
+        val_batches=val_batches,
+        save_every=save_every,
+        grad_checkpoint=grad_checkpoint,
+        seed=seed,
+        grad_accumulation=grad_accumulation,
+        lr_schedule=lr_schedule,
+        warmup=warmup,
+        compile=compile,
+    )
+    learning_rate_schedule(args)  # a bad schedule is reported before training starts
     trainable = sum(v.size for _, v in tree_flatten(vlm.trainable_parameters()))
     total = sum(v.size for _, v in tree_flatten(vlm.parameters()))
     print(
@@ -142,6 +164,33 @@ def run_training(
 )
 @click.option(
     "--learning-rate", type=float, default=1e-4, show_default=True, help="Adam learning rate."
+)
+@click.option(
+    "--lr-schedule",
+    type=click.Choice(SCHEDULES),
+    default="constant",
+    show_default=True,
+    help="Learning rate after the warm-up: constant, or decaying to 0 at the last step.",
+)
+@click.option(
+    "--warmup",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Steps of linear warm-up from 0 to --learning-rate.",
+)
+@click.option(
+    "--grad-accumulation",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Batches whose gradients are averaged into each step (effective batch size x N).",
+)
+@click.option(
+    "--compile/--no-compile",
+    default=True,
+    show_default=True,
+    help="Compile the training step (model, optimizer and random state) with mx.compile.",
 )
 @click.option(
     "--lora-rank", type=click.IntRange(min=1), default=8, show_default=True, help="LoRA rank r."

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_smolvlm"
@@ -110,3 +113,24 @@ def test_imports_at_the_top_of_modules():
                 )
                 roots = {m.split(".")[0] for m in modules}
                 assert roots <= OPTIONAL, f"{name}:{node.lineno} imports {modules} in a function"
+
+
+def test_package_imports_quietly_and_commands_run_without_runpy_warnings():
+    """`import mlx_smolvlm` prints nothing and imports no CLI module, so `python -m
+    mlx_smolvlm.generate` gets no "found in sys.modules" RuntimeWarning."""
+    code = (
+        "import sys, mlx_smolvlm; from mlx_smolvlm import batch_generate, generate; "
+        "assert callable(batch_generate) and callable(generate); "
+        "assert not {'mlx_smolvlm.generate', 'mlx_smolvlm.chat', 'mlx_smolvlm.server'} "
+        "& set(sys.modules); "
+        # The generate command imported, `generate` is still the function.
+        "from mlx_smolvlm.generate import main; from mlx_smolvlm import generate as g; "
+        "assert g is generate"
+    )
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout == "" and out.stderr == "", out.stderr
+    for command in ("generate", "chat"):
+        args = [sys.executable, "-W", "error", "-m", f"mlx_smolvlm.{command}", "--help"]
+        out = subprocess.run(args, capture_output=True, text=True, env=env)
+        assert out.returncode == 0 and out.stderr == "", out.stderr

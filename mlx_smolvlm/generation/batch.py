@@ -1,8 +1,8 @@
 """Batched generation: several prompts, each with its own images, decoded together.
 
-Each prompt is rendered exactly as `generate.prepare_inputs` renders it (`render_prompt`), then ONE processor
-call tokenizes the batch, left-padding the ids and padding every prompt's image tiles with
-zero tiles (which the model drops). The decoder runs on mlx-lm's `BatchKVCache`, whose
+Each prompt is rendered as `generate.prepare_inputs` renders it (`render_prompt`), then ONE
+processor call tokenizes the batch, left-padding the ids and padding every prompt's image tiles
+with zero tiles (which the model drops). The decoder runs on mlx-lm's `BatchKVCache`, whose
 per-sequence offsets start each sequence's RoPE positions at its first real token, so every
 sequence sees the positions it would see alone. A sequence that finishes (end-of-turn token,
 stop string, `max_tokens`) is filtered out of the cache and the others carry on.

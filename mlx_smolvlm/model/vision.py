@@ -62,6 +62,15 @@ def patch_position_ids(patch_mask: np.ndarray, patches_per_side: int) -> np.ndar
     return ids
 
 
+def patch_inputs(patch_mask: np.ndarray, patches_per_side: int) -> tuple[mx.array, mx.array | None]:
+    """Position ids of the patches and the attention mask of the padded ones (None when all
+    are real): padded patches are ignored as keys; their queries still see real keys."""
+    ids = mx.array(patch_position_ids(patch_mask, patches_per_side))
+    if patch_mask.all():
+        return ids, None
+    return ids, mx.array(patch_mask.reshape(patch_mask.shape[0], 1, 1, -1))
+
+
 def _buckets(length: int, valid: int, boundaries: np.ndarray) -> np.ndarray:
     """Bucket index of each of `length` patches spread over `valid` real ones."""
     step = np.float32(1.0) / np.float32(max(valid, 1))
@@ -154,13 +163,11 @@ class VisionModel(nn.Module):
         self.encoder = Encoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def __call__(self, pixels: mx.array, patch_mask: np.ndarray) -> mx.array:
-        ids = patch_position_ids(patch_mask, self.config.patches_per_side)
-        h = self.embeddings(pixels.astype(self.dtype), mx.array(ids))
-        mask = None
-        if not patch_mask.all():
-            # Padded patches are ignored as keys; queries of padded patches still see real keys.
-            mask = mx.array(patch_mask.reshape(patch_mask.shape[0], 1, 1, -1))
+    def __call__(
+        self, pixels: mx.array, position_ids: mx.array, mask: mx.array | None = None
+    ) -> mx.array:
+        """Encode NHWC tiles, given their patches' position ids and key mask (`patch_inputs`)."""
+        h = self.embeddings(pixels.astype(self.dtype), position_ids)
         for layer in self.encoder.layers:
             h = layer(h, mask)
         return self.post_layernorm(h)

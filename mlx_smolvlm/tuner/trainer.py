@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map_with_path
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 from mlx_lm.models.base import create_attention_mask
 from tqdm import tqdm
 
@@ -32,6 +33,7 @@ from .datasets import Batch, Sample, TrainingError, batch_indices, eval_batches,
 STATE_FILE = "training_state.safetensors"
 CURVE_FILE = "loss_curve.png"
 DEFAULT_ITERS = 1000
+PAD_TO = 32  # loss positions are padded to a multiple of this (fewer distinct compiled graphs)
 
 
 # ---------------------------------------------------------------------------
@@ -56,15 +58,41 @@ def _run_layer(layer: nn.Module, mask: Any, params: dict, h: mx.array) -> mx.arr
     return layer(h, mask)
 
 
-def loss_fn(model: Model, batch: Batch, grad_checkpoint: bool = False) -> mx.array:
-    """Mean cross-entropy over the batch's loss tokens."""
-    embeddings = model.embed(batch.input_ids, batch.pixel_values, batch.pixel_attention_mask)
+def batch_arrays(model: Model, batch: Batch) -> dict:
+    """The arrays of a batch for the (compiled) loss, computed on the host: token ids, the
+    vision tower's inputs, where the image features go, and the loss positions and targets
+    padded to a multiple of PAD_TO (padding weighs 0) so that steps share compiled graphs."""
+    count = len(batch.positions)
+    size = -(-count // PAD_TO) * PAD_TO
+    positions, targets = np.zeros(size, np.int32), np.zeros(size, np.int32)
+    positions[:count], targets[:count] = batch.positions, batch.targets
+    arrays = {
+        "input_ids": mx.array(batch.input_ids),
+        "image_positions": model.image_positions(batch.input_ids),
+        "positions": mx.array(positions),
+        "targets": mx.array(targets),
+        "weights": mx.array((np.arange(size) < count).astype(np.float32)),
+    }
+    if batch.pixel_values is not None:
+        arrays["images"] = model.image_inputs(batch.pixel_values, batch.pixel_attention_mask)
+    return arrays
+
+
+def batch_loss(model: Model, arrays: dict, grad_checkpoint: bool = False) -> mx.array:
+    """Mean cross-entropy over the loss tokens of `batch_arrays`' output (pure MLX)."""
+    features = model.encode_images(arrays["images"]) if "images" in arrays else None
+    embeddings = model.merge_images(arrays["input_ids"], arrays["image_positions"], features)
     hidden = decoder_hidden(model, embeddings, grad_checkpoint)[:, :-1]
     # Project only the loss positions: the vocabulary head is the largest activation.
-    hidden = hidden.reshape(-1, hidden.shape[-1])[mx.array(batch.positions)]
+    hidden = hidden.reshape(-1, hidden.shape[-1])[arrays["positions"]]
     logits = model.language_model.logits(hidden).astype(mx.float32)
-    losses = nn.losses.cross_entropy(logits, mx.array(batch.targets))
-    return losses.sum() / len(batch.positions)
+    losses = nn.losses.cross_entropy(logits, arrays["targets"]) * arrays["weights"]
+    return losses.sum() / arrays["weights"].sum()
+
+
+def loss_fn(model: Model, batch: Batch, grad_checkpoint: bool = False) -> mx.array:
+    """Mean cross-entropy over the batch's loss tokens."""
+    return batch_loss(model, batch_arrays(model, batch), grad_checkpoint)
 
 
 def evaluate(
@@ -174,19 +202,69 @@ def check_resumable(adapter_path: Path, resume: bool, config: dict) -> None:
 class TrainingArgs:
     """Options of the training loop."""
 
-    iters: int = DEFAULT_ITERS
-    batch_size: int = 4
-    learning_rate: float = 1e-4
+    iters: int = DEFAULT_ITERS  # optimizer steps
+    batch_size: int = 4  # records per batch
+    learning_rate: float = 1e-4  # peak learning rate
     steps_per_eval: int = 100
     val_batches: int = 25
     save_every: int = 100
     grad_checkpoint: bool = False
     seed: int = 0
+    grad_accumulation: int = 1  # batches whose gradients are averaged into one step
+    lr_schedule: str = "constant"  # or "cosine" (to 0 at the last step) or "linear"
+    warmup: int = 0  # steps of linear warm-up from 0 to the learning rate
+    compile: bool = True  # one compiled graph over model, optimizer and random state
+
+
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def learning_rate(args: TrainingArgs) -> float | Callable[[mx.array], mx.array]:
+    """The learning rate, or an mlx.optimizers schedule of the step: warm-up, then decay."""
+    if args.lr_schedule not in SCHEDULES:
+        raise TrainingError(f"--lr-schedule {args.lr_schedule!r} is not one of {SCHEDULES}")
+    if not 0 <= args.warmup < args.iters:
+        raise TrainingError(f"--warmup {args.warmup} must be at least 0 and below --iters")
+    if args.lr_schedule == "constant" and not args.warmup:
+        return args.learning_rate
+    rest = args.iters - args.warmup
+    decay = {
+        "constant": lambda: optim.linear_schedule(args.learning_rate, args.learning_rate, 1),
+        "cosine": lambda: optim.cosine_decay(args.learning_rate, rest),
+        "linear": lambda: optim.linear_schedule(args.learning_rate, 0.0, rest),
+    }[args.lr_schedule]()
+    if not args.warmup:
+        return decay
+    warmup = optim.linear_schedule(0.0, args.learning_rate, args.warmup)
+    return optim.join_schedules([warmup, decay], [args.warmup])
 
 
 def step_seed(seed: int, step: int) -> int:
-    """The random seed of one step (LoRA dropout), so a resumed run draws the same masks."""
+    """The random seed of one batch (LoRA dropout), so a resumed run draws the same masks."""
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+
+
+def make_step(model: Model, optimizer: optim.Optimizer, args: TrainingArgs) -> Callable:
+    """`step(arrays, grads, update) -> (loss, grads)`: one batch's loss and gradients added
+    to `grads`; with `update` the averaged gradients update the model (and None comes back).
+    Compiled with the model, optimizer and random state as its implicit inputs and outputs."""
+    value_and_grad = nn.value_and_grad(model, batch_loss)
+
+    def step(arrays: dict, grads: Any, update: bool) -> tuple[mx.array, Any]:
+        loss, batch_grads = value_and_grad(model, arrays, args.grad_checkpoint)
+        if grads is not None:
+            batch_grads = tree_map(mx.add, grads, batch_grads)
+        if not update:
+            return loss, batch_grads
+        if args.grad_accumulation > 1:
+            batch_grads = tree_map(lambda g: g / args.grad_accumulation, batch_grads)
+        optimizer.update(model, batch_grads)
+        return loss, None
+
+    if not args.compile:
+        return step
+    state = [model.state, optimizer.state, mx.random.state]
+    return mx.compile(step, inputs=state, outputs=state)
 
 
 def train(
@@ -203,13 +281,13 @@ def train(
 ) -> list[dict]:
     """Train the model's unfrozen (LoRA) parameters; return the loss history.
 
-    Checkpoints go to `adapter_path` every `save_every` steps and at the end; with `resume`
-    the run continues from the last one with the same optimizer state and data order.
+    Each step averages the gradients of `grad_accumulation` batches. Checkpoints go to
+    `adapter_path` every `save_every` steps and at the end; with `resume` the run continues
+    from the last one with the same optimizer state, schedule position and data order.
     """
     adapter_path = Path(adapter_path)
-    optimizer = optim.Adam(learning_rate=args.learning_rate)
+    optimizer = optim.Adam(learning_rate=learning_rate(args))
     step, history = restore_checkpoint(adapter_path, model, optimizer) if resume else (0, [])
-    value_and_grad = nn.value_and_grad(model, loss_fn)
     validate = partial(
         evaluate, model, valid_set, processor, args.batch_size, args.val_batches, image_kwargs
     )
@@ -217,21 +295,28 @@ def train(
     if validating and step == 0:
         history.append({"step": 0, "val_loss": validate()})
     model.train()
+    optimizer.init(model.trainable_parameters())  # the state the compiled step reads and writes
+    train_step = make_step(model, optimizer, args)
     start, tokens = time.perf_counter(), 0
     bar = tqdm(total=args.iters, initial=step, disable=not progress, desc="Training", unit="step")
     while step < args.iters:
-        indices = batch_indices(len(train_set), args.batch_size, args.seed, step)
-        batch = make_batch([train_set[i] for i in indices], processor, image_kwargs)
+        losses, grads = [], None
+        for k in range(args.grad_accumulation):
+            micro = step * args.grad_accumulation + k  # the batch's index in the data order
+            indices = batch_indices(len(train_set), args.batch_size, args.seed, micro)
+            batch = make_batch([train_set[i] for i in indices], processor, image_kwargs)
+            mx.random.seed(step_seed(args.seed, micro + 1))
+            last = k == args.grad_accumulation - 1
+            loss, grads = train_step(batch_arrays(model, batch), grads, last)
+            mx.eval(loss, grads if grads is not None else model.trainable_parameters())
+            losses.append(loss.item())
+            tokens += batch.tokens
+        mx.eval(model.trainable_parameters(), optimizer.state)
         step += 1
-        mx.random.seed(step_seed(args.seed, step))
-        loss, grads = value_and_grad(model, batch, args.grad_checkpoint)
-        optimizer.update(model, grads)
-        mx.eval(loss, model.trainable_parameters(), optimizer.state)
-        record = {"step": step, "train_loss": loss.item()}
+        record = {"step": step, "train_loss": sum(losses) / len(losses)}
         if validating and (step % args.steps_per_eval == 0 or step == args.iters):
             record["val_loss"] = validate()
         history.append(record)
-        tokens += batch.tokens
         bar.update()
         bar.set_postfix(
             loss=f"{record['train_loss']:.3f}",
@@ -265,6 +350,4 @@ def plot_loss_curve(history: list[dict], file: Path) -> None:
     axes.set_ylabel("loss (per loss token)")
     axes.legend()
     axes.grid(alpha=0.3)
-    tmp = file.with_name(f".{file.stem}.tmp.png")
-    figure.savefig(tmp)
-    tmp.replace(file)
+    atomic.write_file(file, figure.savefig, ".png")

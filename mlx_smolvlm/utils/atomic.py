@@ -1,7 +1,8 @@
 """Files and folders written all or nothing, so that a crash, a kill or a full disk never
 leaves half a file or a lost model behind.
 
-- `write_text` / `save_safetensors`: a temporary file beside the target, then a rename.
+- `write_file` (`write_text`, `write_json`, `save_safetensors`): a temporary file beside the
+  target, then a rename.
 - `model_folder(target, force, source)`: a staging folder beside `target` that replaces it
   when the block completes. Only an absent target, an empty folder or a folder holding
   nothing but a model's files may be replaced (`force`), never the source's own folder or a
@@ -23,7 +24,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
@@ -72,7 +73,7 @@ def _leftovers(path: Path) -> Iterator[tuple[Path, str]]:
         if not entry.name.startswith(prefix):
             continue
         pid, _, kind = entry.name[len(prefix) :].partition(".")
-        if pid.isdigit() and kind in ("tmp", "old", "tmp.safetensors") and not _alive(int(pid)):
+        if pid.isdigit() and kind.startswith(("tmp", "old")) and not _alive(int(pid)):
             yield entry, kind
 
 
@@ -98,17 +99,23 @@ def recover(path: Path) -> None:
         _remove(leftover)
 
 
-def write_text(file: Path, text: str) -> None:
-    """Write `file` through a temporary file and a rename, so readers never see half of it."""
+def write_file(file: Path, write: Callable[[Path], None], suffix: str = "") -> None:
+    """Call `write(temporary)` on a temporary file beside `file` (ending in `suffix`, for
+    writers that go by it), then rename it to `file`, so readers never see half of it."""
     file = Path(file)
     recover(file)
-    tmp = _temporary(file, "tmp")
+    tmp = _temporary(file, "tmp" + suffix)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
         os.replace(tmp, file)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text(file: Path, text: str) -> None:
+    """`text` in `file`, atomically."""
+    write_file(file, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json(file: Path, value: Any, indent: int = 2) -> None:
@@ -117,17 +124,12 @@ def write_json(file: Path, value: Any, indent: int = 2) -> None:
 
 
 def save_safetensors(file: Path, arrays: dict[str, mx.array], metadata: dict | None = None) -> None:
-    """`mx.save_safetensors` through a temporary file and a rename."""
-    file = Path(file)
-    recover(file)
-    # mx.save_safetensors appends ".safetensors" to names without it.
-    tmp = _temporary(file, "tmp.safetensors")
-    try:
-        mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
-        os.replace(tmp, file)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """`mx.save_safetensors`, atomically (it appends ".safetensors" to names without it)."""
+    write_file(
+        file,
+        lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata=metadata or {}),
+        ".safetensors",
+    )
 
 
 def is_model_folder(path: Path) -> bool:

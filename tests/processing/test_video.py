@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from reference import copy_tokenizer_files, hf_logits, save_hf_checkpoint
 from reference import tiny_config_for_real_tokenizer as tiny_config
-from test_processing import hf_tokenizer, reference_processor
+from test_processor import hf_tokenizer, reference_processor
 
 from mlx_smolvlm.processing.processor import Processor, image_prompt_string
 from mlx_smolvlm.processing.video import (

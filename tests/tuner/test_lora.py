@@ -381,7 +381,7 @@ def test_train_vision_adapts_and_trains_the_vision_tower(checkpoint, processor, 
     ]
     assert len(vision_b) == 13 and all(np.abs(np.array(v)).max() > 0 for v in vision_b)
     fused = fuse_cli.fuse(checkpoint, tmp_path, tmp_path / "fused")
-    assert fused_logits_gap(checkpoint, tmp_path, fused, processor, data) <= 1e-5
+    assert fused_logits_gap(checkpoint, tmp_path, fused, processor, data) <= 2e-6
 
 
 def test_qlora_trains_on_a_quantized_model(quantized_checkpoint, data, tmp_path):
@@ -407,7 +407,9 @@ def fused_logits_gap(
     inputs = (batch.input_ids, batch.pixel_values, batch.pixel_attention_mask)
     with_adapters = load(base, adapter_path=adapters)[0](*inputs)
     merged = load(fused)[0](*inputs)
-    return float(mx.abs(with_adapters - merged).max())
+    # Relative to the logits' size: W + s * B @ A rounds in float32 (logits of ~18 differ by
+    # ~2e-5, ~1e-6 of their size, depending on the trained adapters).
+    return float(mx.abs(with_adapters - merged).max() / mx.abs(merged).max())
 
 
 def test_fused_model_equals_base_plus_adapters(trained, checkpoint, processor, data, workdir):
@@ -416,7 +418,7 @@ def test_fused_model_equals_base_plus_adapters(trained, checkpoint, processor, d
     args = ["--model", str(checkpoint), "--adapter-path", str(adapters), "--save-path", str(fused)]
     result = CliRunner().invoke(fuse_cli.main, args)
     assert result.exit_code == 0, result.output
-    assert fused_logits_gap(checkpoint, adapters, fused, processor, data) <= 1e-5
+    assert fused_logits_gap(checkpoint, adapters, fused, processor, data) <= 2e-6
     assert (fused / "tokenizer.json").exists() and (fused / "preprocessor_config.json").exists()
     assert not any(k.endswith("lora_a") for k in mx.load(str(fused / "model.safetensors")))
     result = CliRunner().invoke(fuse_cli.main, args)  # an existing output is not replaced silently
@@ -494,7 +496,7 @@ def test_fused_quantized_model_with_dequantize(quantized_checkpoint, processor, 
     run_training(**train_args(quantized_checkpoint, data, tmp_path / "q", iters=3, val_batches=0))
     fused = fuse_cli.fuse(quantized_checkpoint, tmp_path / "q", tmp_path / "fused", dequantize=True)
     assert "quantization" not in json.loads((fused / "config.json").read_text())
-    assert fused_logits_gap(quantized_checkpoint, tmp_path / "q", fused, processor, data) <= 1e-5
+    assert fused_logits_gap(quantized_checkpoint, tmp_path / "q", fused, processor, data) <= 2e-6
     requantized = fuse_cli.fuse(quantized_checkpoint, tmp_path / "q", tmp_path / "fused-4bit")
     model = load(requantized)[0]
     assert isinstance(model.language_model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
