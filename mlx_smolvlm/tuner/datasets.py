@@ -30,6 +30,7 @@ from ..processing.messages import record_messages
 from ..processing.processor import END_OF_UTTERANCE, IMAGE_TOKEN, Processor, image_prompt_string
 
 MAX_REPORTED_PROBLEMS = 10
+PAD_TO = 32  # batches are padded to a multiple of this many tokens (and loss positions)
 
 
 class TrainingError(ValueError):
@@ -245,9 +246,10 @@ class Batch:
 def make_batch(
     samples: list[Sample], processor: Processor, image_kwargs: dict | None = None
 ) -> Batch:
-    """Pad samples on the right (a causal model never attends to later padding) and their
-    images with all-zero tiles (which the model drops) into one batch."""
-    length = max(len(s.ids) for s in samples)
+    """Pad samples on the right (a causal model never attends to later padding) to a multiple
+    of PAD_TO tokens (fewer distinct shapes for the compiled step) and their images with
+    all-zero tiles (which the model drops) into one batch."""
+    length = -(-max(len(s.ids) for s in samples) // PAD_TO) * PAD_TO
     ids = np.full((len(samples), length), processor.tokenizer.pad_token_id, dtype=np.int32)
     mask = np.zeros((len(samples), length), dtype=bool)
     for row, sample in enumerate(samples):

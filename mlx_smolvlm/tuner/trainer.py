@@ -28,12 +28,19 @@ from ..model import Model
 from ..processing.processor import Processor
 from ..utils import atomic
 from .adapters import adapter_weights, save_adapters
-from .datasets import Batch, Sample, TrainingError, batch_indices, eval_batches, make_batch
+from .datasets import (
+    PAD_TO,
+    Batch,
+    Sample,
+    TrainingError,
+    batch_indices,
+    eval_batches,
+    make_batch,
+)
 
 STATE_FILE = "training_state.safetensors"
 CURVE_FILE = "loss_curve.png"
 DEFAULT_ITERS = 1000
-PAD_TO = 32  # loss positions are padded to a multiple of this (fewer distinct compiled graphs)
 
 
 # ---------------------------------------------------------------------------
