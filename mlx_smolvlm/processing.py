@@ -175,7 +175,7 @@ class Tokenizer:
             raise FileNotFoundError(
                 f"Missing tokenizer file: {file} (or vocab.json and merges.txt beside it)"
             )
-        _set_bos_eos(backend, config, tokens_map, rebuild=not file.exists())
+        _set_bos_eos(backend, config, tokens_map, from_json=file.exists())
         return cls(backend, config, tokens_map, _read_json(path / "generation_config.json"))
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -327,18 +327,18 @@ def _set_bos_eos(
     backend: tokenizers.Tokenizer,
     config: dict[str, Any],
     tokens_map: dict[str, Any],
-    rebuild: bool,
+    from_json: bool,
 ) -> None:
-    """Make encode(add_special_tokens=True) add the BOS/EOS that transformers adds: the
-    tokenizer_config's add_bos_token/add_eos_token when set (or when the tokenizer has no
-    post-processor), else the tokenizer.json's own post-processor."""
-    if not (rebuild or "add_bos_token" in config or "add_eos_token" in config):
-        if backend.post_processor is not None:
-            return
+    """Make encode(add_special_tokens=True) add the BOS/EOS that transformers 5 adds: a
+    tokenizer.json's own post-processor (its add_bos_token/add_eos_token config keys are
+    dropped then), else the tokenizer_config's add_bos_token/add_eos_token."""
+    if from_json and backend.post_processor is not None:
+        return
+    flags = {} if from_json else config
     template, special = ["$A:0"], []
     for key, at_start in (("bos_token", True), ("eos_token", False)):
         token = _token_text(config.get(key, tokens_map.get(key)))
-        if not config.get(f"add_{key}") or token is None:
+        if not flags.get(f"add_{key}") or token is None:
             continue
         template.insert(0 if at_start else len(template), f"{token}:0")
         special.append((token, backend.token_to_id(token)))
@@ -909,23 +909,24 @@ class Processor:
         )
 
     def is_rendered(self, prompt: str) -> bool:
-        """Whether `prompt` is already a chat-template rendering (starts as the template's
-        conversations do, e.g. "<|im_start|>"), rather than a plain question."""
-        opening = self._template_opening
-        return bool(opening) and prompt.startswith(opening)
-
-    @property
-    def _template_opening(self) -> str:
-        """The text every rendering of the chat template starts with (its first marker)."""
+        """Whether `prompt` is already a chat-template rendering rather than a plain question:
+        it starts as every rendering does (e.g. "<|im_start|>"), or, for templates without
+        such an opening, it ends with the generation prompt (e.g. "Assistant:")."""
         if self.chat_template is None:
-            return ""
-        user = [{"role": "user", "content": [{"type": "text", "text": "a"}]}]
-        system = [{"role": "system", "content": [{"type": "text", "text": "b"}]}]
+            return False
+        probe = "q9zProbe"  # text no template writes by itself
+        user = [{"role": "user", "content": [{"type": "text", "text": probe}]}]
+        system = [{"role": "system", "content": [{"type": "text", "text": "s" + probe}]}]
+        plain = self._render(user, False, None, {})
+        prompted = self._render(user, True, None, {})
         try:
-            renders = [self._render(m, True, None, {}) for m in (user, system + user)]
-        except jinja2.exceptions.TemplateError:
-            renders = [self._render(user, True, None, {})] * 2
-        return os.path.commonprefix(renders)
+            opening = os.path.commonprefix([prompted, self._render(system + user, True, None, {})])
+        except jinja2.exceptions.TemplateError:  # a template without a system role
+            opening = ""
+        if opening:
+            return prompt.startswith(opening)
+        suffix = prompted[len(plain) :].strip() if prompted.startswith(plain) else ""
+        return bool(suffix) and prompt.rstrip().endswith(suffix)
 
 
 # Keywords of apply_chat_template that configure the processor call, not the template.

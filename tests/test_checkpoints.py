@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import real_model_dir
 from PIL import Image, ImageDraw
-from reference import hf_logits, hf_model
+from reference import hf_logits, hf_model, hf_processor
 
 from mlx_smolvlm import load
 from mlx_smolvlm.config import ModelConfig
@@ -93,47 +92,6 @@ def checkpoint_files(name: str, target: Path) -> None:
         shutil.copy(real_model_dir(name) / file, target / file)
 
 
-def reference_processor(name: str, directory: Path):
-    """transformers' processor class for the folder, built from the files in `directory`."""
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-    from transformers.models.idefics3.processing_idefics3 import Idefics3Processor
-    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
-    from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor
-
-    config = json.loads((directory / "preprocessor_config.json").read_text())
-    sampling = config.pop("video_sampling", None)
-    for key in ("image_processor_type", "processor_class"):
-        config.pop(key, None)
-    seq_len = json.loads((directory / "processor_config.json").read_text())["image_seq_len"]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-    template = tokenizer.chat_template
-    if template is None and (directory / "chat_template.json").exists():
-        template = json.loads((directory / "chat_template.json").read_text())["chat_template"]
-    if sampling is None:
-        return Idefics3Processor(
-            image_processor=Idefics3ImageProcessorPil(**config),
-            tokenizer=tokenizer,
-            image_seq_len=seq_len,
-            chat_template=template,
-        )
-
-    class ImageSmolVLMProcessor(SmolVLMProcessor):
-        """SmolVLMProcessor without its torchvision video processor (images only here)."""
-
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name != "video_processor":
-                return super().check_argument_for_proper_class(argument_name, argument)
-
-    video = types.SimpleNamespace(num_frames=sampling["max_frames"], fps=sampling["fps"])
-    return ImageSmolVLMProcessor(
-        image_processor=SmolVLMImageProcessorPil(**config),
-        tokenizer=tokenizer,
-        video_processor=video,
-        image_seq_len=seq_len,
-        chat_template=template,
-    )
-
-
 def assert_same_outputs(ours: dict, ref: dict) -> None:
     assert set(ours) == set(ref)
     np.testing.assert_array_equal(ours["input_ids"], ref["input_ids"])
@@ -160,7 +118,7 @@ def test_processor_matches_transformers(folder):
 
     name, directory = folder
     shutil.copy(real_model_dir(name) / "config.json", directory / "config.json")
-    ours, ref = Processor.from_pretrained(directory), reference_processor(name, directory)
+    ours, ref = Processor.from_pretrained(directory), hf_processor(directory)
     # 2048 longest edge, 512 tiles: a 4x3 grid (granite's vocabulary has rows/cols up to 4).
     conversation = messages(picture())
     kwargs = {"tokenize": True, "return_dict": True, "return_tensors": "np"}
@@ -207,7 +165,7 @@ def test_logits_match_transformers(name, request):
     path, hf = request.getfixturevalue("granite" if name.startswith("granite") else "smolvlm2")
     model, processor = load(path)
     assert model.config == ModelConfig.from_dict(stored_config(name, FOLDERS[name][1]))
-    ref_processor = reference_processor(name, path)
+    ref_processor = hf_processor(path)
     # One tile keeps the 12-layer vision tower of SmolVLM2 quick; granite's 2x2 grid splits.
     image_options = (
         {"do_image_splitting": False}
