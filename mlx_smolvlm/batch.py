@@ -45,6 +45,7 @@ class _Renderer:
 
     def __init__(self, processor: Any):
         self.processor = processor
+        self.tokenizer = processor.tokenizer
 
     def apply_chat_template(self, messages: list[dict], **kwargs: Any) -> str:
         return self.processor.apply_chat_template(messages, **kwargs)
