@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -299,3 +300,28 @@ def test_add_bos_token_beside_tokenizer_json_is_ignored_as_in_transformers(tmp_p
         == ref.tokenizer("Hi there").input_ids
     )
     assert ours.tokenizer.encode("Hi there", add_special_tokens=True)[0] != 1
+
+
+# ---------------------------------------------------------------------------
+# README's "Coming from" snippets
+
+
+def readme_snippets(heading: str) -> list[str]:
+    """The python code blocks of README.md's section `heading`."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+@pytest.mark.parametrize("heading", ["Coming from mlx-vlm", "Coming from transformers"])
+def test_readme_snippets_run(heading, checkpoint, tmp_path, monkeypatch, capsys):
+    (snippet,) = readme_snippets(heading)
+    code = snippet.replace('"HuggingFaceTB/SmolVLM-256M-Instruct"', repr(str(checkpoint)))
+    assert code != snippet  # the snippet loads the model the test provides
+    monkeypatch.chdir(tmp_path)
+    picture(700, 500).save("photo.jpg")
+    exec(compile(code, f"README.md ({heading})", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.strip()
+    if heading == "Coming from transformers":
+        assert "(2, 1200) (2, 13, 3, 512, 512)" in printed
