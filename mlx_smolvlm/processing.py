@@ -22,6 +22,7 @@ import tokenizers
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .config import ConfigError, ModelConfig
 from .image_processing import ImageProcessor, _pad, fetch_image
 from .video_processing import (
     VIDEO_CHAT_TEMPLATE,
@@ -954,18 +955,15 @@ def _image_item(
 
 
 def _image_seq_len(path: Path, config: dict[str, Any]) -> int:
-    """processor_config.json's image_seq_len, else (image_size // patch_size)^2 / scale_factor^2."""
+    """processor_config.json's image_seq_len, else the model config's (patches / scale_factor)^2."""
     processor_config = _read_json(path / "processor_config.json")
     if "image_seq_len" in processor_config:
         return int(processor_config["image_seq_len"])
-    vision = config.get("vision_config", {})
     try:
-        patches = vision["image_size"] // vision["patch_size"]
-        return int(patches**2 / config["scale_factor"] ** 2)
-    except KeyError as err:
+        return ModelConfig.from_dict(config, str(path / "config.json")).image_seq_len
+    except ConfigError as err:
         raise ValueError(
-            f"Cannot tell image_seq_len: {path / 'processor_config.json'} lacks it and "
-            f"{path / 'config.json'} lacks {err}"
+            f"Cannot tell image_seq_len: {path / 'processor_config.json'} lacks it and {err}"
         ) from err
 
 

@@ -223,3 +223,20 @@ def test_config_that_is_not_an_object(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="expected a JSON object, got list"):
         load_model(tmp_path)
+
+
+def test_processor_reads_image_seq_len_from_a_sparse_config(tmp_path):
+    from mlx_smolvlm.processing import _image_seq_len
+
+    raw = {
+        "model_type": "smolvlm",
+        "scale_factor": 4,
+        "vision_config": {"image_size": 512, "patch_size": 16},
+    }
+    assert _image_seq_len(tmp_path, raw) == 64
+    assert (
+        _image_seq_len(tmp_path, {"model_type": "idefics3", "vision_config": {"image_size": 448}})
+        == 49
+    )
+    with pytest.raises(ValueError, match="Cannot tell image_seq_len: .* model_type is None"):
+        _image_seq_len(tmp_path, {})
