@@ -15,7 +15,7 @@ from .generation import (  # noqa: E402
     generate,
     stream_generate,
 )
-from .loading import load, load_model  # noqa: E402
+from .loading import load, load_config, load_model  # noqa: E402
 from .model import Model, ModelConfig  # noqa: E402
 from .processing import Processor, apply_chat_template  # noqa: E402
 
@@ -45,6 +45,7 @@ __all__ = [
     "batch_stream_generate",
     "generate",
     "load",
+    "load_config",
     "load_model",
     "stream_generate",
 ]

@@ -56,6 +56,7 @@ def render_batch(
         text=texts,
         images=groups if any(groups) else None,
         return_tensors="np",
+        add_special_tokens=not processor.tokenizer.starts_with_bos(texts[0]),
         **image_kwargs,
     )
 

@@ -37,6 +37,10 @@ class GenerationResult:
     peak_memory: float = 0.0  # GB, as reported by mx.get_peak_memory()
     finish_reason: str | None = None  # "stop" (end-of-turn token) or "length" (max_tokens)
 
+    def __str__(self) -> str:
+        """The text, so that `print(generate(...))` prints the answer as with mlx-vlm."""
+        return self.text
+
 
 def _as_list(value: Any) -> list[Any]:
     """None -> [], a list or tuple -> a list, anything else -> [value]."""
@@ -54,10 +58,20 @@ def render_prompt(
 ) -> tuple[str, list[Any], list[Any]]:
     """The chat-template text of a prompt string or chat messages, with its images and videos.
 
-    `video` (a file path or a `processing.video.Video`, or a list of them) goes before the
-    images of a string prompt, or fills the bare video parts of chat messages; `image` fills
-    the bare image parts, the rest follow.
+    A prompt already rendered with the chat template (it starts as the template's renderings
+    do, e.g. from `apply_chat_template` as mlx-vlm users do) is used as it is; a plain prompt
+    is wrapped in a user turn with its images. `video` (a file path or a
+    `processing.video.Video`, or a list of them) goes before the images of a string prompt, or
+    fills the bare video parts of chat messages; `image` fills the bare image parts, the rest
+    follow.
     """
+    if isinstance(prompt, str) and processor.is_rendered(prompt):
+        if system is not None:
+            raise ValueError(
+                "system cannot be added to a prompt that is already rendered with the chat "
+                "template: put it in the messages you render"
+            )
+        return prompt, _as_list(image), _as_list(video)
     messages, images, videos = prompt_messages(prompt, _as_list(image), _as_list(video), system)
     return processor.apply_chat_template(messages, add_generation_prompt=True), images, videos
 
@@ -77,6 +91,7 @@ def prepare_inputs(
         images=images or None,
         videos=videos or None,
         return_tensors="np",
+        add_special_tokens=not processor.tokenizer.starts_with_bos(text),
         **image_kwargs,
     )
 
