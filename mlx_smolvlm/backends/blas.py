@@ -18,6 +18,8 @@ import ctypes.util
 import os
 import sys
 
+from . import threads
+
 CANDIDATES = (
     "libopenblas.so.0",
     "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
@@ -38,22 +40,31 @@ def _candidates(choice: str | None) -> list[str]:
 
 
 def _load_with_sleeping_threads(name: str) -> None:
-    """Load `name` globally, its idle threads set to sleep at once instead of spinning.
+    """Load `name` globally, with as many threads as this process has cores (affinity and
+    cgroup quota: OpenBLAS itself counts the machine's), its idle threads set to sleep at once
+    instead of spinning.
 
     OpenBLAS's idle threads spin for about 2^28 cycles after each call: between MLX's matrix
     products that takes a core from the numpy host kernels (the vision tower runs ~10%
-    slower); MLX's products are large enough not to notice a thread's wake-up. The setting is
-    read once, when the library loads, so only this copy gets it: numpy's own OpenBLAS, whose
-    small decode products do gain from spinning, keeps its default.
+    slower), and on a busy machine from other programs; MLX's products are large enough not to
+    notice a thread's wake-up. The settings are read once, when the library loads, so only
+    this copy gets them: numpy's own OpenBLAS, whose small decode products do gain from
+    spinning, keeps its defaults (the host work bounds its threads, `threads.decide`).
     """
-    previous = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
-    if previous is None:
-        os.environ["OPENBLAS_THREAD_TIMEOUT"] = "4"  # 2^4 cycles, the least OpenBLAS allows
+    settings = {
+        "OPENBLAS_THREAD_TIMEOUT": "4",  # 2^4 cycles, the least OpenBLAS allows
+        "OPENBLAS_NUM_THREADS": str(threads.available_cores()),
+    }
+    previous = {key: os.environ.get(key) for key in settings}
+    for key, value in settings.items():
+        if previous[key] is None:
+            os.environ[key] = value
     try:
         ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
     finally:
-        if previous is None:
-            del os.environ["OPENBLAS_THREAD_TIMEOUT"]
+        for key, value in previous.items():
+            if value is None:
+                del os.environ[key]
 
 
 def enable_fast_blas() -> str | None:

@@ -21,7 +21,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..model import language, vision
-from . import blas
+from . import blas, threads
 from .decoder import HostKVCache, decode_step, supported
 from .kernels import host_attention, host_gelu_tanh, host_layer_norm, host_swiglu
 
@@ -140,6 +140,8 @@ def prepare(model: nn.Module) -> nn.Module:
     """Swap in (or out) the host modules that fit `model` on this backend; return the model
     (the same object, unless the root itself is swapped, as for a bare `LanguageModel`)."""
     enabled = host_kernels_apply(model)
+    if enabled:
+        threads.decide()
     swaps = [
         (path, _as(module, cls))
         for path, module in model.named_modules()
@@ -156,10 +158,10 @@ def prepare(model: nn.Module) -> nn.Module:
 
 
 def report(model: nn.Module) -> str:
-    """What the CPU backend chose for `model`, in two lines (for --verbose)."""
+    """What the CPU backend chose for `model`, in three lines (for --verbose)."""
     kinds = {type(m) for _, m in model.named_modules()}
     if mx.default_device() != mx.cpu:
         return f"MLX device: {mx.default_device()} (no host kernels)"
     kernels = "on" if HostVisionAttention in kinds else "off (not float32, or turned off)"
     decoder = "on" if HostLanguageModel in kinds else "off (quantized, adapted or not float32)"
-    return f"{blas.status()}\nHost kernels: {kernels}; host decoder: {decoder}"
+    return f"{blas.status()}\nHost kernels: {kernels}; host decoder: {decoder}\n{threads.status()}"

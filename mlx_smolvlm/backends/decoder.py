@@ -23,7 +23,8 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from ..model.language import LanguageModel
-from .kernels import host_view
+from . import threads
+from .kernels import blas_threads, host_view
 
 
 class HostKVCache:
@@ -176,14 +177,19 @@ def _mlp(mlp: Any, x: np.ndarray) -> np.ndarray:
 def decode_step(
     model: LanguageModel, token: int | None, embedding: Any, cache: list[HostKVCache]
 ) -> mx.array:
-    """Logits (1, 1, vocab) for one new token (or input embedding), appending to `cache`."""
+    """Logits (1, 1, vocab) for one new token (or input embedding), appending to `cache`.
+
+    numpy's BLAS runs on the threads `threads.decide` left to host work: a step makes ~200
+    small products, each waiting for all BLAS threads, so a descheduled one stalls it."""
     if embedding is None:
         x = host_view(model.embed_tokens.weight)[token].copy()
     else:
         x = np.array(embedding, dtype=np.float32).reshape(-1)
-    for layer, layer_cache in zip(model.layers, cache):
-        x = x + _attention(layer, _rms_norm(x, layer.input_layernorm), layer_cache)
-        x = x + _mlp(layer.mlp, _rms_norm(x, layer.post_attention_layernorm))
-    x = _rms_norm(x, model.norm)
-    head = model.embed_tokens if model.config.tie_word_embeddings else model.lm_head
-    return mx.array((host_view(head.weight) @ x)[None, None])
+    with blas_threads(threads.current()):
+        for layer, layer_cache in zip(model.layers, cache):
+            x = x + _attention(layer, _rms_norm(x, layer.input_layernorm), layer_cache)
+            x = x + _mlp(layer.mlp, _rms_norm(x, layer.post_attention_layernorm))
+        x = _rms_norm(x, model.norm)
+        head = model.embed_tokens if model.config.tie_word_embeddings else model.lm_head
+        logits = host_view(head.weight) @ x
+    return mx.array(logits[None, None])

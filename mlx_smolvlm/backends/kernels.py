@@ -12,7 +12,6 @@ differentiable: `backends.cpu.prepare` installs them for inference only.
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from functools import cache
@@ -23,19 +22,22 @@ import mlx.nn as nn
 import numpy as np
 
 from ..model.vision import GELU_C
+from . import threads
 
 QUERY_BLOCK = 256  # query rows per attention task: a block's scores stay in the CPU cache
 BLOCK = 1 << 18  # at most this many elements per elementwise task (1 MiB of float32)
 
 
-@cache
 def _threads() -> int:
-    return os.cpu_count() or 1
+    """Threads the kernels split their work among (`threads.decide`, at each `cpu.prepare`)."""
+    return threads.current()
 
 
 @cache
 def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(_threads(), thread_name_prefix="mlx-smolvlm")
+    """Helpers for every available core (they wait on a queue, never spinning); a kernel uses
+    `_threads() - 1` of them beside the calling thread."""
+    return ThreadPoolExecutor(threads.available_cores(), thread_name_prefix="mlx-smolvlm")
 
 
 @cache
@@ -47,10 +49,10 @@ def _blas_controller() -> Any:
     return ThreadpoolController()
 
 
-def _one_blas_thread_each():
-    """numpy's BLAS on one thread per caller while our workers are the parallelism."""
+def blas_threads(count: int):
+    """A context in which numpy's (and MLX's) BLAS runs on at most `count` threads."""
     controller = _blas_controller()
-    return controller.limit(limits=1, user_api="blas") if controller else nullcontext()
+    return controller.limit(limits=count, user_api="blas") if controller else nullcontext()
 
 
 def _task_size(count: int, unit: int = 1) -> int:
@@ -62,10 +64,20 @@ def _task_size(count: int, unit: int = 1) -> int:
 
 
 def _run(task, count: int) -> None:
-    """Run task(0..count-1) on the worker threads (numpy releases the GIL)."""
-    with _one_blas_thread_each():
-        for _ in _pool().map(task, range(count)):
-            pass
+    """Run task(0..count-1) on `_threads()` threads, this one included (numpy releases the
+    GIL). BLAS runs on one thread per caller meanwhile, so the threads here are the only
+    parallelism (no BLAS threads nested in pool threads)."""
+    indices = iter(range(count))  # shared: each thread takes the next index until none is left
+
+    def drain() -> None:
+        for i in indices:
+            task(i)
+
+    with blas_threads(1):
+        helpers = [_pool().submit(drain) for _ in range(min(_threads(), count) - 1)]
+        drain()
+        for helper in helpers:
+            helper.result()
 
 
 def host_view(x: mx.array) -> np.ndarray:

@@ -1,0 +1,124 @@
+"""Host threads: sized to the cores this process may use, fewer when other programs keep them
+busy, never spinning, and the same numbers whatever the count."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import mlx.core as mx
+import pytest
+
+from mlx_smolvlm.backends import kernels, threads
+from mlx_smolvlm.backends.kernels import host_attention, host_gelu_tanh
+
+
+@pytest.fixture(autouse=True)
+def restore_decision():
+    yield
+    threads.threads = 0
+
+
+def test_cores_follow_affinity_and_cgroup_quota(tmp_path, monkeypatch):
+    monkeypatch.setattr(threads, "CGROUP", tmp_path)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert threads.available_cores() == 4  # no quota file: the affinity
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert threads.available_cores() == 4
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 cores
+    assert threads.available_cores() == 1
+    (tmp_path / "cpu.max").write_text("800000 100000\n")  # more than the affinity allows
+    assert threads.available_cores() == 4
+    (tmp_path / "cpu.max").write_text("garbage\n")
+    assert threads.available_cores() == 4
+
+
+def test_cgroup_v1_quota(tmp_path, monkeypatch):
+    monkeypatch.setattr(threads, "CGROUP", tmp_path)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert threads.available_cores() == 3
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # unlimited
+    assert threads.available_cores() == 8
+
+
+@pytest.mark.parametrize("busy, expected", [(0, 4), (1, 3), (2.6, 1), (9, 1)])
+def test_busy_cores_leave_fewer_threads(monkeypatch, busy, expected):
+    monkeypatch.delenv("MLX_SMOLVLM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "available_cores", lambda: 4)
+    monkeypatch.setattr(threads, "busy_cores", lambda: busy)
+    assert threads.decide() == expected == threads.current()
+    assert f"Host threads: {expected} (4 cores available" in threads.status()
+
+
+def test_environment_forces_the_count_and_names_a_bad_one(monkeypatch):
+    monkeypatch.setenv("MLX_SMOLVLM_THREADS", "3")
+    assert threads.decide() == 3
+    assert "MLX_SMOLVLM_THREADS" in threads.status()
+    monkeypatch.setenv("MLX_SMOLVLM_THREADS", "many")
+    with pytest.raises(ValueError, match="MLX_SMOLVLM_THREADS must be a whole number"):
+        threads.decide()
+
+
+def test_competing_processes_are_counted():
+    # Two busy loops of another program: runnable, so counted as busy (ours are not). Without
+    # /proc (macOS) nothing is counted and the available cores are used.
+    spin = "import time\nend = time.time() + 3\nwhile time.time() < end: pass"
+    others = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2)]
+    try:
+        time.sleep(0.3)
+        readings = [threads._runnable_elsewhere() for _ in range(20)]
+        if os.path.exists("/proc/loadavg"):
+            assert max(readings) >= 2
+        else:
+            assert readings == [None] * 20 and threads.busy_cores() == 0.0
+    finally:
+        for process in others:
+            process.kill()
+            process.wait()
+
+
+def test_one_thread_runs_in_the_caller_and_more_use_the_pool(monkeypatch):
+    seen = set()
+    lock = threading.Lock()
+
+    def task(i):
+        time.sleep(0.002)
+        with lock:
+            seen.add(threading.current_thread().name)
+
+    monkeypatch.setattr(threads, "threads", 1)
+    kernels._run(task, 8)
+    assert seen == {threading.current_thread().name}
+    seen.clear()
+    monkeypatch.setattr(threads, "threads", 2)
+    kernels._run(task, 8)
+    assert len(seen) == 2 and threading.current_thread().name in seen
+
+
+def test_a_failing_task_is_raised():
+    def task(i):
+        if i == 5:
+            raise RuntimeError("task 5 failed")
+
+    threads.threads = 2
+    with pytest.raises(RuntimeError, match="task 5 failed"):
+        kernels._run(task, 8)
+
+
+def test_kernels_give_the_same_numbers_on_one_thread_or_several(monkeypatch):
+    mx.random.seed(0)
+    q, k, v = (mx.random.normal((1, 4, 300, 16)) for _ in range(3))
+    x = mx.random.normal((4, 300, 700))
+    results = []
+    for count in (1, 2, 3):
+        monkeypatch.setattr(threads, "threads", count)
+        results.append((host_attention(q, k, v, 0.25, "causal"), host_gelu_tanh(x)))
+    for attention, gelu in results[1:]:
+        assert mx.array_equal(attention, results[0][0]).item()
+        assert mx.array_equal(gelu, results[0][1]).item()
