@@ -11,11 +11,23 @@ built with transformers first. mlx-vlm runs from another interpreter (`--mlx-vlm
 it pins its own dependencies; it gets its own conversion of the same weights. `--dtype` and
 `--quantize BITS` compare bf16 or quantized conversions (each converter's own; transformers
 runs unquantized only), `--text-only` measures decoding without an image.
+
+`--backend mlx` runs mlx-smolvlm's pure-MLX path (the modules Metal runs: no host kernels, no
+host decoder, `MLX_SMOLVLM_HOST_KERNELS=0`) on the same MLX kernels as mlx-vlm; `--backend
+both` shows it beside the default. `--background-load N` runs every measurement twice in turn,
+quiet and with N competing processes doing multi-threaded numpy matrix products (as another
+ML job on the same machine would; each stops itself after `--background-seconds` and is
+killed when its measurement ends), and shows both side by side.
+
+Nothing here assumes the CPU: on MLX's CUDA backend or on Metal the workers run on the GPU
+(transformers on torch's CUDA or MPS device when it has one); OpenBLAS is only preloaded for
+mlx-vlm where MLX computes on the CPU of a Linux machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import json
 import os
 import resource
@@ -29,6 +41,17 @@ PROMPT = "Describe this image in detail."
 TEXT_PROMPT = "Write a long story about a lighthouse keeper and her cat."
 HERE = Path(__file__).resolve().parent
 OPENBLAS = "libopenblas.so.0"
+OURS = "mlx-smolvlm"
+PURE_MLX = "mlx-smolvlm (pure MLX)"
+# A competing job: float32 matrix products on numpy's BLAS with its default (all-core) threads.
+BACKGROUND = """
+import sys, time
+import numpy as np
+a = np.random.default_rng(0).random((1024, 1024), dtype=np.float32)
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    a @ a
+"""
 
 
 def rss_gb() -> float:
@@ -59,6 +82,7 @@ def worker_ours(args) -> dict:
     t0 = time.perf_counter()
     # mlx_smolvlm first: it loads the optimized BLAS, which must precede mlx.core's import.
     from mlx_smolvlm import load, stream_generate
+    from mlx_smolvlm.backends import threads
 
     # isort: split
     import mlx.core as mx
@@ -74,7 +98,7 @@ def worker_ours(args) -> dict:
     report = token_times_report(
         load_s, start, stamps[: result.generation_tokens], result.prompt_tokens
     )
-    return {**report, "peak_gb": mx.get_peak_memory() / 1e9}
+    return {**report, "peak_gb": mx.get_peak_memory() / 1e9, "host_threads": threads.threads}
 
 
 def worker_mlx_vlm(args) -> dict:
@@ -105,7 +129,9 @@ def worker_transformers(args) -> dict:
 
     checkpoint = Path(args.checkpoint)
     dtype = getattr(torch, args.dtype)
-    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=dtype).eval()
+    device = torch_device(torch)
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=dtype)
+    model = model.to(device).eval()
     settings = json.loads((checkpoint / "preprocessor_config.json").read_text())
     settings = {
         k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class")
@@ -123,6 +149,7 @@ def worker_transformers(args) -> dict:
 
     class Clock:
         def put(self, value):
+            value.cpu()  # waits for the device, where there is one
             stamps.append(time.perf_counter())
 
         def end(self):
@@ -135,7 +162,7 @@ def worker_transformers(args) -> dict:
         [{"role": "user", "content": content}], add_generation_prompt=True
     )
     images = [Image.open(path) for path in images] or None
-    inputs = processor(text=text, images=images, return_tensors="pt")
+    inputs = processor(text=text, images=images, return_tensors="pt").to(device)
     with torch.inference_mode():
         model.generate(
             **inputs,
@@ -148,8 +175,18 @@ def worker_transformers(args) -> dict:
     return token_times_report(load_s, start, stamps[1:], inputs["input_ids"].shape[1])
 
 
+def torch_device(torch) -> str:
+    """The device transformers runs on: the GPU when torch has one, as the MLX workers do."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
 WORKERS = {
-    "mlx-smolvlm": worker_ours,
+    OURS: worker_ours,
+    PURE_MLX: worker_ours,
     "mlx-vlm": worker_mlx_vlm,
     "transformers": worker_transformers,
 }
@@ -192,14 +229,51 @@ def mlx_vlm_checkpoint(python: str, source: Path, out: Path, args) -> Path:
     return out
 
 
-def run_worker(name: str, python: str, checkpoint: Path, args) -> dict:
+def mlx_on_cpu(python: str) -> bool:
+    """Whether MLX computes on the CPU under `python` (no Metal, no CUDA backend)."""
+    probe = "import mlx.core as mx; print(mx.default_device() == mx.cpu)"
+    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True)
+    return out.stdout.strip() == "True"
+
+
+def worker_env(name: str, python: str) -> dict:
+    """The environment of a worker: mlx-vlm gets the OpenBLAS that mlx-smolvlm loads itself
+    (where MLX multiplies on a Linux CPU), the pure-MLX row turns the host kernels off."""
     env = dict(os.environ)
-    if name == "mlx-vlm" and sys.platform == "linux":
-        env["LD_PRELOAD"] = OPENBLAS  # the same optimized BLAS mlx-smolvlm loads itself
+    blas = ctypes.util.find_library("openblas")
+    if name == "mlx-vlm" and sys.platform == "linux" and blas and mlx_on_cpu(python):
+        env["LD_PRELOAD"] = OPENBLAS
+    if name == PURE_MLX:
+        env["MLX_SMOLVLM_HOST_KERNELS"] = "0"
+    return env
+
+
+def start_background(count: int, seconds: float) -> list[subprocess.Popen]:
+    """`count` competing BLAS jobs, each ending itself after `seconds` at the latest."""
+    jobs = [
+        subprocess.Popen([sys.executable, "-c", BACKGROUND, str(seconds)]) for _ in range(count)
+    ]
+    time.sleep(1.0)  # their threads running before the measurement starts
+    return jobs
+
+
+def stop_background(jobs: list[subprocess.Popen]) -> None:
+    for job in jobs:
+        job.kill()
+    for job in jobs:
+        job.wait()
+
+
+def run_worker(name: str, python: str, checkpoint: Path, args, load: int = 0) -> dict:
+    """One measurement in a fresh process, with `load` competing BLAS jobs running."""
     cmd = [python, __file__, "--worker", name, "--checkpoint", str(checkpoint),
            "--max-tokens", str(args.max_tokens), "--dtype", args.dtype]  # fmt: skip
     cmd += ["--text-only"] if args.text_only else ["--image", str(args.image)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    jobs = start_background(load, args.background_seconds) if load else []
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(name, python))
+    finally:
+        stop_background(jobs)
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -209,33 +283,47 @@ def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
     return {
         name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         for name, runs in results.items()
+        if runs
     }
 
 
+COLUMNS = [("load_s", "load s"), ("ttft_s", "TTFT s"), ("prefill_tps", "prefill tok/s"),
+           ("decode_tps", "decode tok/s"), ("rss_gb", "peak RSS GB"), ("peak_gb", "MLX peak GB")]  # fmt: skip
+
+
 def print_table(summary: dict[str, dict]) -> None:
-    base = summary.get("mlx-smolvlm")
-    cols = [("load_s", "load s"), ("ttft_s", "TTFT s"), ("prefill_tps", "prefill tok/s"),
-            ("decode_tps", "decode tok/s"), ("rss_gb", "peak RSS GB"), ("peak_gb", "MLX peak GB")]  # fmt: skip
-    print("| implementation | " + " | ".join(label for _, label in cols) + " |")
-    print("|---" * (len(cols) + 1) + "|")
+    """Medians with each peer's ratio to mlx-smolvlm's (the first of its rows present)."""
+    base = next((row for name, row in summary.items() if name.startswith(OURS)), None)
+    print("| implementation | " + " | ".join(label for _, label in COLUMNS) + " |")
+    print("|---" * (len(COLUMNS) + 1) + "|")
     for name, row in summary.items():
         cells = []
-        for key, _ in cols:
+        for key, _ in COLUMNS:
             if key not in row:
                 cells.append("–")
                 continue
-            ratio = (
-                f" ({row[key] / base[key]:.2f}×)"
-                if base and name != "mlx-smolvlm" and base.get(key)
-                else ""
-            )
+            ratio = f" ({row[key] / base[key]:.2f}×)" if row is not base and base.get(key) else ""
             cells.append(f"{row[key]:.2f}{ratio}")
         print(f"| {name} | " + " | ".join(cells) + " |")
-    print("(ratios: the implementation's value over mlx-smolvlm's)")
+    print("(ratios: the row's value over the first mlx-smolvlm row's)")
+
+
+def print_load_table(quiet: dict[str, dict], busy: dict[str, dict], load: int) -> None:
+    """Quiet and busy side by side, with busy over quiet from runs taken in turn."""
+    print(f"\n| implementation | TTFT s quiet | TTFT s, {load} BLAS jobs | decode tok/s quiet | "
+          f"decode tok/s, {load} BLAS jobs | decode kept |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for name in quiet:
+        q, b = quiet[name], busy[name]
+        print(
+            f"| {name} | {q['ttft_s']:.2f} | {b['ttft_s']:.2f} ({b['ttft_s'] / q['ttft_s']:.2f}×) "
+            f"| {q['decode_tps']:.2f} | {b['decode_tps']:.2f} "
+            f"| {b['decode_tps'] / q['decode_tps']:.0%} |"
+        )
 
 
 def plot(summary: dict[str, dict], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # optional: the bench extra
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -246,7 +334,9 @@ def plot(summary: dict[str, dict], path: Path) -> None:
     for ax, (key, title) in zip(axes, keys):
         names = list(summary)
         ax.bar(
-            names, [summary[n].get(key, 0) for n in names], color=["C0", "C1", "C2"][: len(names)]
+            names,
+            [summary[n].get(key, 0) for n in names],
+            color=[f"C{i}" for i in range(len(names))],
         )
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=15)
@@ -279,6 +369,26 @@ def main() -> None:
         "--text-only", action="store_true", help="no image: decode speed without the vision tower"
     )
     parser.add_argument("--impl", default="mlx-smolvlm,mlx-vlm,transformers")
+    parser.add_argument(
+        "--backend",
+        choices=["default", "mlx", "both"],
+        default="default",
+        help="mlx-smolvlm with its backend speed-ups (default), its pure-MLX path (the Metal "
+        "path: no host kernels), or both rows",
+    )
+    parser.add_argument(
+        "--background-load",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure each run with N competing multi-threaded BLAS processes",
+    )
+    parser.add_argument(
+        "--background-seconds",
+        type=float,
+        default=900,
+        help="the most a background job runs (it is killed when its measurement ends)",
+    )
     parser.add_argument("--mlx-vlm-python", default=None, help="interpreter with mlx-vlm installed")
     parser.add_argument(
         "--mlx-smolvlm-python",
@@ -306,13 +416,19 @@ def main() -> None:
     if not args.text_only:
         args.image = make_image(args.out / "image.png", args.image_size)
     variant = args.dtype + (f"-q{args.quantize}" if args.quantize else "")
-    workers = {}  # name -> (python, checkpoint)
+    names = []
     for name in args.impl.split(","):
-        if name == "mlx-smolvlm":
+        if name == OURS:
+            names += {"default": [OURS], "mlx": [PURE_MLX], "both": [OURS, PURE_MLX]}[args.backend]
+        else:
+            names.append(name)
+    workers = {}  # name -> (python, checkpoint)
+    for name in names:
+        if name in (OURS, PURE_MLX):
             path = checkpoint
             if args.quantize or args.dtype != "float32":  # as mlx-vlm: its own conversion
                 ours = [sys.executable, "-m", "mlx_smolvlm.convert"]
-                path = convert_checkpoint(ours, checkpoint, args.out / f"{name}-{variant}", args)
+                path = convert_checkpoint(ours, checkpoint, args.out / f"{OURS}-{variant}", args)
             workers[name] = (args.mlx_smolvlm_python, path)
         elif name == "transformers" and not args.quantize:
             workers[name] = (sys.executable, checkpoint)
@@ -323,20 +439,30 @@ def main() -> None:
             workers[name] = (args.mlx_vlm_python, path)
         else:
             print(f"skipping {name}: not installed or not for this variant", file=sys.stderr)
-    results: dict[str, list[dict]] = {name: [] for name in workers}
-    # Round robin, so that a machine that slows down or speeds up mid-run favours no one.
+    loads = [0, args.background_load] if args.background_load else [0]
+    results: dict[int, dict[str, list[dict]]] = {load: {n: [] for n in workers} for load in loads}
+    # Round robin (and quiet/busy in turn), so that a machine that slows down or speeds up
+    # mid-run favours no one.
     for rep in range(args.reps):
         for name, (python, path) in workers.items():
-            run = run_worker(name, python, path, args)
-            print(f"{name} run {rep + 1}: {json.dumps(run)}", file=sys.stderr)
-            results[name].append(run)
-    summary = summarize(results)
+            for load in loads:
+                run = run_worker(name, python, path, args, load)
+                print(f"{name} run {rep + 1}, load {load}: {json.dumps(run)}", file=sys.stderr)
+                results[load][name].append(run)
+    summaries = {load: summarize(runs) for load, runs in results.items()}
     (args.out / "bench_generate.json").write_text(
-        json.dumps({"runs": results, "median": summary}, indent=2)
+        json.dumps({"args": sys.argv[1:], "runs": results, "median": summaries}, indent=2)
     )
-    print_table(summary)
-    plot(summary, args.out / "bench_generate.png")
-    print(f"chart: {args.out / 'bench_generate.png'}")
+    for load, summary in summaries.items():
+        print(f"\n{'quiet' if not load else f'{load} competing BLAS jobs'}:")
+        print_table(summary)
+    if args.background_load:
+        print_load_table(summaries[0], summaries[args.background_load], args.background_load)
+    try:
+        plot(summaries[0], args.out / "bench_generate.png")
+        print(f"chart: {args.out / 'bench_generate.png'}")
+    except ImportError:
+        print("no chart: matplotlib is not installed", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ CANDIDATES = (
 
 loaded: str | None = None
 reason = "not tried"  # why no library was loaded, when none was
+_library: ctypes.CDLL | None = None
 
 
 def _candidates(choice: str | None) -> list[str]:
@@ -59,8 +60,9 @@ def _load_with_sleeping_threads(name: str) -> None:
     for key, value in settings.items():
         if previous[key] is None:
             os.environ[key] = value
+    global _library
     try:
-        ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+        _library = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
     finally:
         for key, value in previous.items():
             if value is None:
@@ -99,6 +101,14 @@ def enable_fast_blas() -> str | None:
         else "no OpenBLAS found (apt install libopenblas0-pthread): MLX's reference BLAS is slow"
     )
     return None
+
+
+def set_threads(count: int) -> None:
+    """Run MLX's matrix products on `count` threads (the loaded OpenBLAS's setting; nothing
+    when MLX uses its own BLAS)."""
+    setter = getattr(_library, "openblas_set_num_threads", None)
+    if setter is not None:
+        setter(ctypes.c_int(count))
 
 
 def status() -> str:

@@ -1,9 +1,10 @@
 """The seam between the pure-MLX model and the CPU backend's host kernels and host decoder.
 
 `prepare(model)` is called by the generation entry points (`stream_generate`,
-`batch_stream_generate`) once per call, before any work: on MLX's CPU backend, for a float32
-model in eval mode, it swaps the model's attention, MLP, layer-norm and decoder modules for
-subclasses that run their non-differentiable parts with numpy (the way LoRA swaps linear
+`batch_stream_generate`) once per call, before any work. On MLX's CPU backend it decides how
+many threads host work and MLX's BLAS use (`threads.decide`: the available cores, fewer when
+other programs keep them busy), and for a float32 model in eval mode it swaps the model's
+attention, MLP, layer-norm and decoder modules for subclasses that run their non-differentiable parts with numpy (the way LoRA swaps linear
 layers); elsewhere (Metal, bf16/quantized weights, MLX_SMOLVLM_HOST_KERNELS=0) it swaps any
 such subclass back, and the pure-MLX modules of `mlx_smolvlm.model` run. The swapped modules
 share the originals' parameters (same names, same arrays), so weights, adapters and saved
@@ -140,8 +141,9 @@ def prepare(model: nn.Module) -> nn.Module:
     """Swap in (or out) the host modules that fit `model` on this backend; return the model
     (the same object, unless the root itself is swapped, as for a bare `LanguageModel`)."""
     enabled = host_kernels_apply(model)
-    if enabled:
-        threads.decide()
+    if mx.default_device() == mx.cpu:
+        # On a busy machine fewer threads (one) make every synchronised product faster.
+        blas.set_threads(threads.decide())
     swaps = [
         (path, _as(module, cls))
         for path, module in model.named_modules()

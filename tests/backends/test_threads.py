@@ -3,6 +3,7 @@ busy, never spinning, and the same numbers whatever the count."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import threading
 import time
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 
 from mlx_smolvlm.backends import kernels, threads
@@ -122,3 +124,35 @@ def test_kernels_give_the_same_numbers_on_one_thread_or_several(monkeypatch):
     for attention, gelu in results[1:]:
         assert mx.array_equal(attention, results[0][0]).item()
         assert mx.array_equal(gelu, results[0][1]).item()
+
+
+def test_prepare_decides_and_sets_mlx_blas_threads(monkeypatch):
+    from mlx_smolvlm.backends import blas, cpu
+
+    calls = []
+    monkeypatch.setattr(blas, "set_threads", calls.append)
+    monkeypatch.setenv("MLX_SMOLVLM_THREADS", "1")
+    monkeypatch.setenv("MLX_SMOLVLM_HOST_KERNELS", "0")  # the pure-MLX path is bounded too
+    cpu.prepare(nn.Linear(2, 2))
+    assert calls == [1] and threads.current() == 1
+
+
+def test_mlx_blas_thread_count_is_applied():
+    # In a fresh process: MLX's OpenBLAS (the system one) takes the count, numpy's keeps its own.
+    code = (
+        "import mlx_smolvlm, json\n"
+        "from mlx_smolvlm.backends import blas\n"
+        "from threadpoolctl import threadpool_info\n"
+        "blas.set_threads(1)\n"
+        "print(json.dumps([[i['filepath'], i['num_threads']] for i in threadpool_info()"
+        " if i['internal_api'] == 'openblas']))\n"
+    )
+    env = {**os.environ, "MLX_SMOLVLM_BLAS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    counts = {
+        "numpy" if "scipy_openblas" in path else "mlx": n for path, n in json.loads(out.stdout)
+    }
+    assert counts["mlx"] == 1
+    assert counts.get("numpy", threads.available_cores()) == threads.available_cores()
