@@ -128,6 +128,8 @@ def test_processor_matches_transformers(folder):
     assert_same_outputs(got, expected)
     text = ours.apply_chat_template(conversation)
     assert text == ref.apply_chat_template(conversation, add_generation_prompt=True)
+    # generate passes a rendered prompt through and templates a plain one.
+    assert ours.is_rendered(text) and not ours.is_rendered("Convert this page to docling.")
     assert ours.tokenizer.decode(got["input_ids"][0], skip_special_tokens=False) == ref.decode(
         expected["input_ids"][0], skip_special_tokens=False
     )
