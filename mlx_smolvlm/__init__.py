@@ -51,6 +51,8 @@ def apply_chat_template(
         )
     if prompt is None:
         raise TypeError("apply_chat_template needs a prompt (a string or chat messages)")
+    if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 0:
+        raise ValueError(f"num_images must be a non-negative integer, got {num_images!r}")
     if isinstance(prompt, str):
         messages = build_messages(prompt, num_images)
     else:

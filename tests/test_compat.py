@@ -108,6 +108,8 @@ def test_rendered_prompt_errors(loaded):
         apply_chat_template(processor, 3, "x")
     with pytest.raises(TypeError, match="needs a prompt"):
         apply_chat_template(processor, model.config)
+    with pytest.raises(ValueError, match="num_images must be a non-negative integer, got -1"):
+        apply_chat_template(processor, model.config, "x", num_images=-1)
 
 
 def test_top_level_names():
