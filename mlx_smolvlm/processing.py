@@ -785,6 +785,14 @@ class Processor:
         # Any id would do where the mask is 0; 0 when the checkpoint names no pad token.
         return _pad_ids(ids, self.tokenizer.pad_token_id or 0, length, side)
 
+    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
+        """Text of token ids (a list, numpy, mlx or torch array), as transformers' processor."""
+        return self.tokenizer.decode(np.asarray(ids).reshape(-1).tolist(), skip_special_tokens)
+
+    def batch_decode(self, ids: Any, skip_special_tokens: bool = True) -> list[str]:
+        """Texts of a batch of token id sequences, as transformers' processor."""
+        return [self.decode(seq, skip_special_tokens) for seq in ids]
+
     def _arrange_videos(self, prompts: list[str], videos: Any) -> list[list[Any]]:
         """Videos per prompt; without a video processor "<video>" is plain text."""
         if self.video_processor is None:

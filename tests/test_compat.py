@@ -201,6 +201,16 @@ def test_text_keywords_match_transformers(processors):
     assert unpadded == dict(ref(text=texts, padding=False))
 
 
+def test_decode_and_batch_decode(processors):
+    ours, ref = processors
+    inputs = ours(["<image>What is it? A cat.", "Short."], images=[[picture()], []])
+    for skip in (True, False):
+        expected = ref.batch_decode(inputs["input_ids"], skip_special_tokens=skip)
+        assert ours.batch_decode(inputs["input_ids"], skip_special_tokens=skip) == expected
+        assert ours.batch_decode(torch.from_numpy(inputs["input_ids"]), skip) == expected
+        assert ours.decode(inputs["input_ids"][1], skip) == expected[1]
+
+
 def test_images_without_text(processors):
     ours, ref = processors
     same_outputs(ours(images=[picture()]), ref(images=[picture()], return_tensors="np"))
