@@ -717,6 +717,9 @@ class Processor:
             if k in names and (k not in call_options or isinstance(v, dict))
         }
         rest = {k: v for k, v in kwargs.items() if k not in fields}
+        unknown = sorted(set(rest) - _IMAGE_CALL_OPTIONS)
+        if unknown:
+            raise TypeError(f"Unknown processor keyword argument(s): {', '.join(unknown)}")
         if not fields:
             return self.image_processor, rest
         try:
@@ -937,6 +940,15 @@ class Processor:
         suffix = prompted[len(plain) :].strip() if prompted.startswith(plain) else ""
         return bool(suffix) and prompt.rstrip().endswith(suffix)
 
+
+# Options of ImageProcessor.__call__ (the rest of the image options are its fields).
+_IMAGE_CALL_OPTIONS = {
+    "do_image_splitting",
+    "longest_edge",
+    "max_image_size",
+    "upscale",
+    "max_tiles",
+}
 
 # Keywords of apply_chat_template that configure the processor call, not the template.
 _PROCESSOR_KEYWORDS = {

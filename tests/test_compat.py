@@ -238,6 +238,8 @@ def test_bad_processor_input_is_named(processors):
         ours([text], images=[picture()], size={"longest_edge": 0})
     with pytest.raises(ValueError, match="return_tensors must be"):
         ours(["x"], return_tensors="tf")
+    with pytest.raises(TypeError, match="Unknown processor keyword argument\\(s\\): longest_egde"):
+        ours(["x"], longest_egde=512)  # misspelled, and no image to use it on
 
 
 # ---------------------------------------------------------------------------
@@ -337,3 +339,13 @@ def test_readme_snippets_run(heading, checkpoint, tmp_path, monkeypatch, capsys)
     assert printed.strip()
     if heading == "Coming from transformers":
         assert "(2, 1200) (2, 13, 3, 512, 512)" in printed
+
+
+def test_processor_call_options_follow_the_image_processor():
+    import inspect
+
+    from mlx_smolvlm.image_processing import ImageProcessor
+    from mlx_smolvlm.processing import _IMAGE_CALL_OPTIONS
+
+    parameters = set(inspect.signature(ImageProcessor.__call__).parameters)
+    assert _IMAGE_CALL_OPTIONS == parameters - {"self", "images"}
