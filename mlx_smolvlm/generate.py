@@ -8,6 +8,7 @@ conversation's KV cache so that a new turn prefills only its new tokens and new 
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 from collections.abc import Iterator
@@ -22,6 +23,18 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .cpu_kernels import host_kernels
 from .model import Model
+from .utils.validation import (
+    IMAGE_KWARGS,
+    Command,
+    check_image_kwargs,
+    check_int,
+    check_keywords,
+    check_kv,
+    check_resize_shape,
+    check_sampling,
+    check_text,
+    fit_to_window,
+)
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
 IMAGE_TYPES = ("image", "image_url")
@@ -40,6 +53,7 @@ class GenerationResult:
     generation_tps: float = 0.0
     peak_memory: float = 0.0  # GB, as reported by mx.get_peak_memory()
     finish_reason: str | None = None  # "stop" (end-of-turn token) or "length" (max_tokens)
+    notice: str | None = None  # e.g. max_tokens lowered to fit the context window
 
 
 class PromptCache:
@@ -195,7 +209,7 @@ def prepare_inputs(
             )
         images += list(pending)
         videos = videos_from_messages(messages, videos)
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    text = check_text("prompt", processor.apply_chat_template(messages, add_generation_prompt=True))
     return processor(
         text=text,
         images=images or None,
@@ -230,22 +244,27 @@ def stream_generate(
     """Yield a `GenerationResult` per generated token (`text` holds the new text segment).
 
     `video` adds a video (SmolVLM2); `fps` and `max_frames` in `image_kwargs` override the
-    checkpoint's frame sampling.
+    checkpoint's frame sampling. `max_tokens` is lowered to what the context window leaves
+    after the prompt (the results' `notice` says so); a prompt that fills it is an error.
     """
+    check_keywords("stream_generate", image_kwargs, [*IMAGE_KWARGS, *STREAM_PARAMETERS])
+    check_sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed)
+    check_kv(kv_bits, kv_group_size, max_kv_size, model.config.text_config.head_dim)
+    check_image_kwargs(image_kwargs)
     if seed is not None:
         mx.random.seed(seed)
-    if kv_bits is not None and max_kv_size is not None:
-        raise ValueError(
-            "kv_bits and max_kv_size cannot be combined (mlx-lm has no rotating quantized cache)"
-        )
     # Quantization groups run along head_dim (64 in the family).
     kv_group_size = kv_group_size or min(64, model.config.text_config.head_dim)
     tokenizer = processor.tokenizer
     start = time.perf_counter()
     inputs = prepare_inputs(processor, prompt, image, system, video=video, **image_kwargs)
     ids = [int(t) for t in inputs["input_ids"][0]]
-    prompt_cache = prompt_cache or PromptCache(model, max_kv_size)
     config = model.config
+    # The cache is sized by what can be generated, never by an unchecked max_tokens.
+    max_tokens, notice = fit_to_window(
+        len(ids), max_tokens, config.text_config.max_position_embeddings
+    )
+    prompt_cache = prompt_cache or PromptCache(model, max_kv_size)
     reused = prompt_cache.reuse(ids, config.image_token_id, config.image_seq_len)
     new_ids = ids[reused:]
     cache = prompt_cache.ensure(ids, config.image_token_id, len(new_ids) + max_tokens)
@@ -282,7 +301,7 @@ def stream_generate(
             input_embeddings=embeddings,
         )
     )
-    result = GenerationResult(prompt_tokens=len(new_ids))
+    result = GenerationResult(prompt_tokens=len(new_ids), notice=notice)
     decode_start = start
     for n, (token, _) in enumerate(steps):
         if n == 0:
@@ -321,6 +340,9 @@ def with_host_kernels(steps: Iterator[Any]) -> Iterator[Any]:
         yield item
 
 
+STREAM_PARAMETERS = tuple(inspect.signature(stream_generate).parameters)[:-1]  # not **image_kwargs
+
+
 def generate(
     model: Model,
     processor: Any,
@@ -330,9 +352,12 @@ def generate(
     **kwargs: Any,
 ) -> GenerationResult:
     """Generate a whole answer; with `verbose`, stream it to stdout and print statistics."""
+    check_keywords("generate", kwargs, [*IMAGE_KWARGS, *STREAM_PARAMETERS, "verbose"])
     text = []
     result = GenerationResult()
     for result in stream_generate(model, processor, prompt, image, **kwargs):
+        if verbose and not text and result.notice:
+            print(f"[{result.notice}]", file=sys.stderr, flush=True)
         text.append(result.text)
         if verbose:
             print(result.text, end="", flush=True)
@@ -411,6 +436,7 @@ def load_images(paths: tuple[str, ...], resize_shape: tuple[int, int] | None) ->
 
     from .image_processing import load_image
 
+    check_resize_shape(resize_shape)
     images = [load_image(p) for p in paths]
     if resize_shape:
         height, width = resize_shape
@@ -418,7 +444,7 @@ def load_images(paths: tuple[str, ...], resize_shape: tuple[int, int] | None) ->
     return images
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--model", default=DEFAULT_MODEL, show_default=True, help="Hub repo id or local path."
 )
@@ -488,10 +514,23 @@ def main(
     prompt = prompt or ("Describe this video." if video else "Describe this image.")
     # Unset sampling options fall back to the checkpoint's video_sampling.
     sampling = {k: v for k, v in {"fps": fps, "max_frames": max_frames}.items() if v is not None}
+    image_kwargs = image_kwargs_from_cli(
+        resize_shape, no_image_splitting, longest_edge, max_tiles, no_upscale
+    )
+    # Checked before the model loads: a bad option fails at once, naming its flag.
+    check_text("prompt", prompt)
+    if system is not None:
+        check_text("system", system)
+    check_sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed)
+    check_image_kwargs({**sampling, **image_kwargs})
+    check_resize_shape(resize_shape)
+    if max_kv_size is not None:
+        check_int("max_kv_size", max_kv_size, 1)
     try:
         images = load_images(image, resize_shape)
         vlm, processor = load(model, adapter_path=adapter_path, dtype=dtype)
         result = GenerationResult()
+        noted = False
         for result in stream_generate(
             vlm,
             processor,
@@ -509,10 +548,11 @@ def main(
             max_kv_size=max_kv_size,
             video=video,
             **sampling,
-            **image_kwargs_from_cli(
-                resize_shape, no_image_splitting, longest_edge, max_tiles, no_upscale
-            ),
+            **image_kwargs,
         ):
+            if result.notice and not noted:
+                noted = True
+                print(f"[{result.notice}]", file=sys.stderr, flush=True)
             print(result.text, end="", flush=True)
         print()
     except (FileNotFoundError, ValueError, OSError, ImportError) as e:

@@ -1,0 +1,1 @@
+"""Helpers shared by the library, the command lines and the server."""
