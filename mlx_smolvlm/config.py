@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -14,14 +15,50 @@ class ConfigError(ValueError):
     """A config.json that cannot describe a SmolVLM model."""
 
 
-def _from_dict(cls, params: dict, source: str, section: str):
-    """Build dataclass `cls` from `params`, ignoring unknown keys and naming missing ones."""
+def _from_dict(cls, params: Any, source: str, section: str):
+    """Build dataclass `cls` from `params`, ignoring unknown keys and naming missing or mistyped ones."""
+    if not isinstance(params, dict):
+        raise ConfigError(
+            f"{source}: '{section.rstrip('.')}' must be an object, not {_kind(params)}"
+        )
     names = {f.name for f in fields(cls)}
     kwargs = {k: v for k, v in params.items() if k in names}
     for f in fields(cls):
         if f.metadata.get("required") and f.name not in kwargs:
             raise ConfigError(f"{source}: missing required key '{section}{f.name}'")
+        if f.name in kwargs:
+            _check_value(kwargs[f.name], str(f.type), source, section + f.name)
     return cls(**kwargs)
+
+
+def _kind(value: Any) -> str:
+    """How a JSON value is called in an error message."""
+    return "null" if value is None else type(value).__name__
+
+
+def _check_value(value: Any, annotation: str, source: str, key: str) -> None:
+    """A config value against its field's annotation: sizes are positive integers, numbers finite."""
+    if value is None and "None" in annotation:
+        return
+    kind = annotation.split(" | ")[0]
+    if kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        expected = "a positive integer"
+    elif kind == "float":
+        ok = (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value >= 0
+        )
+        expected = "a finite number >= 0"
+    elif kind in ("str", "bool", "dict"):
+        ok = isinstance(value, {"str": str, "bool": bool, "dict": dict}[kind])
+        expected = {"str": "a string", "bool": "true or false", "dict": "an object"}[kind]
+    else:
+        return
+    if not ok:
+        raise ConfigError(f"{source}: '{key}' must be {expected}, not {value!r:.40}")
 
 
 def _required() -> Any:
@@ -94,6 +131,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, config: dict, source: str = "config.json") -> ModelConfig:
         """Read a config dict as found in an HF or mlx-community checkpoint."""
+        if not isinstance(config, dict):
+            raise ConfigError(f"{source}: must hold a JSON object, not {_kind(config)}")
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
@@ -103,9 +142,14 @@ class ModelConfig:
             if key not in config:
                 raise ConfigError(f"{source}: missing required key '{key}'")
         vision = _from_dict(VisionConfig, config["vision_config"], source, "vision_config.")
+        if not isinstance(config["text_config"], dict):
+            raise ConfigError(
+                f"{source}: 'text_config' must be an object, not {_kind(config['text_config'])}"
+            )
         text_params = dict(config["text_config"])
         # transformers 5 writes rope_parameters instead of the flat rope_theta of older checkpoints.
-        rope_parameters = text_params.get("rope_parameters") or {}
+        rope_parameters = text_params.get("rope_parameters")
+        rope_parameters = rope_parameters if isinstance(rope_parameters, dict) else {}
         if "rope_theta" not in text_params and "rope_theta" in rope_parameters:
             text_params["rope_theta"] = rope_parameters["rope_theta"]
         if rope_parameters.get("rope_type", "default") != "default" and not text_params.get(
@@ -113,6 +157,10 @@ class ModelConfig:
         ):
             text_params["rope_scaling"] = rope_parameters
         text = _from_dict(TextConfig, text_params, source, "text_config.")
+        _check_value(config["scale_factor"], "int", source, "scale_factor")
+        image_token = config["image_token_id"]
+        if isinstance(image_token, bool) or not isinstance(image_token, int) or image_token < 0:
+            raise ConfigError(f"{source}: 'image_token_id' must be a token id, not {image_token!r}")
         model = cls(
             model_type=model_type,
             vision_config=vision,
@@ -136,7 +184,7 @@ def load_config(model_path: str | Path) -> tuple[ModelConfig, dict]:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: not a SmolVLM checkpoint directory")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        raw = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ConfigError(f"{path}: invalid JSON ({e})") from e
     return ModelConfig.from_dict(raw, source=str(path)), raw

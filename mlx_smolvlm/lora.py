@@ -18,6 +18,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 
+from .utils.validation import MAX_SEED, Command
+
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
 ADAPTER_FORMAT = "mlx-smolvlm-lora"
@@ -194,7 +196,7 @@ def apply_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
     return model
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--model",
     default=DEFAULT_MODEL,
@@ -292,7 +294,7 @@ def apply_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
 )
 @click.option(
     "--seed",
-    type=int,
+    type=click.IntRange(0, MAX_SEED),
     default=0,
     show_default=True,
     help="Seed for LoRA init, data order and dropout.",
@@ -325,11 +327,16 @@ def apply_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
 @click.option("--no-image-splitting", is_flag=True, help="Encode each image as one tile.")
 @click.option(
     "--longest-edge",
-    type=int,
+    type=click.IntRange(min=1),
     default=None,
     help="Resize images to this longest edge before tiling.",
 )
-@click.option("--max-tiles", type=int, default=None, help="At most this many tiles per image.")
+@click.option(
+    "--max-tiles",
+    type=click.IntRange(min=1),
+    default=None,
+    help="At most this many tiles per image.",
+)
 def main(**options: Any) -> None:
     """Fine-tune LoRA adapters for a SmolVLM model on image-text conversations."""
     from .trainer import TrainingError, run_training
