@@ -380,13 +380,18 @@ class Job:
         is cancelled (the worker drops it or stops it at its next token) and `ClientGone` is
         raised.
         """
+        next_check = time.monotonic() + CLIENT_POLL_S
         while True:
             try:
                 event = self.events.get(timeout=CLIENT_POLL_S)
             except queue.Empty:
-                if client_alive is not None and not client_alive():
+                event = None
+            if client_alive is not None and time.monotonic() >= next_check:
+                next_check = time.monotonic() + CLIENT_POLL_S
+                if not client_alive():
                     self.cancelled.set()
-                    raise ClientGone() from None
+                    raise ClientGone()
+            if event is None:
                 continue
             if isinstance(event, Exception):
                 # The details go to the server log, never to the client.
@@ -634,6 +639,8 @@ class Handler(BaseHTTPRequestHandler):
         """The standard library's own errors (bad request line, unknown method...) as JSON."""
         if code == 501:  # a method nobody here takes
             code, message = 405, f"{self.command!r:.40} is not supported"
+        # A garbled request line leaves the version at HTTP/0.9, which would drop the status line.
+        self.request_version = self.protocol_version
         self.close_connection = True
         try:
             self._error(ApiError(message or "bad request", code, code="bad_request"))
