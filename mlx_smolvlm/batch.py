@@ -26,6 +26,7 @@ from .model import Model
 from .utils.validation import (
     IMAGE_KWARGS,
     check_image_kwargs,
+    check_int,
     check_keywords,
     check_sampling,
     fit_to_window,
@@ -248,6 +249,8 @@ def batch_stream_generate(
     """
     check_keywords("batch_stream_generate", image_kwargs, [*IMAGE_KWARGS, *BATCH_PARAMETERS])
     check_image_kwargs(image_kwargs)
+    check_int("prefill_step_size", prefill_step_size, 1)
+    check_int("vision_chunk_size", vision_chunk_size, 1)
     shared = SamplingParams(max_tokens, temperature, top_p, top_k, min_p, tuple(stop))
     params = list(sampling) if sampling is not None else [shared] * len(prompts)
     if len(params) != len(prompts):

@@ -251,6 +251,8 @@ def stream_generate(
     check_sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed)
     check_kv(kv_bits, kv_group_size, max_kv_size, model.config.text_config.head_dim)
     check_image_kwargs(image_kwargs)
+    check_int("prefill_step_size", prefill_step_size, 1)
+    check_int("vision_chunk_size", vision_chunk_size, 1)
     if seed is not None:
         mx.random.seed(seed)
     # Quantization groups run along head_dim (64 in the family).
