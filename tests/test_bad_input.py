@@ -449,3 +449,38 @@ def test_an_unreachable_hub_fails_within_seconds_with_what_to_do(silent_hub, tmp
     line = error_line(out.stderr)
     assert "'someone/some-model'" in line and "local folder" in line and "HF_HUB_OFFLINE=1" in line
     assert elapsed < 60, elapsed  # measured ~10 s on 2 busy cores (imports included)
+
+
+# ---------------------------------------------------------------------------
+# Broken files given to the commands
+
+
+def test_broken_images_on_the_command_line_are_named(checkpoint, tmp_path):
+    Image.effect_noise((128, 128), 50).convert("RGB").save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 3])
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not a picture")
+    (tmp_path / "folder.png").mkdir()
+    for name in ("cut.png", "empty.png", "text.png", "folder.png", "absent.png"):
+        args = ["--model", str(checkpoint), "--image", str(tmp_path / name)]
+        result = CliRunner().invoke(generate_main, args)
+        assert result.exit_code == 1, name
+        assert name in error_line(result.stderr)
+
+
+def test_broken_checkpoint_files_are_named(checkpoint, tmp_path):
+    path = broken_copy(checkpoint, tmp_path, valid_config(checkpoint))
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.unlink()
+    weights.write_bytes(data[: len(data) // 2])
+    result = CliRunner().invoke(generate_main, ["--model", str(path)])
+    assert result.exit_code == 1 and "model.safetensors" in error_line(result.stderr)
+    weights.write_bytes(data)
+    (path / "tokenizer.json").unlink()
+    (path / "tokenizer.json").write_text("{broken")
+    result = CliRunner().invoke(generate_main, ["--model", str(path)])
+    assert result.exit_code == 1 and "tokenizer.json" in error_line(result.stderr)
+    result = CliRunner().invoke(generate_main, ["--model", str(weights)])
+    assert result.exit_code == 1 and "is a file" in error_line(result.stderr)
