@@ -10,6 +10,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from huggingface_hub import HfApi, constants, snapshot_download
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig, load_config
@@ -60,8 +61,6 @@ def download(repo: str, revision: str | None) -> str:
     same question is asked here first, with one: a silent or unreachable Hub falls back to
     the local cache and otherwise fails within the timeout instead of hanging.
     """
-    from huggingface_hub import HfApi, constants, snapshot_download
-
     timeout = hub_timeout()
     # Read at import by huggingface_hub: set here so that file downloads time out too.
     if not os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT"):
