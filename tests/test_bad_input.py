@@ -112,6 +112,10 @@ BAD_PARAMETERS = [
     ("kv_group_size", 48),
     ("max_kv_size", 0),
     ("max_kv_size", -100),
+    ("prefill_step_size", 0),
+    ("vision_chunk_size", -1),
+    ("fps", 0.0),
+    ("max_frames", 0),
 ]
 
 
