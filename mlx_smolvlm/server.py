@@ -171,7 +171,7 @@ def _stop_strings(stop: Any) -> tuple[str, ...]:
             f"stop must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings",
             param="stop",
         )
-    return tuple(stops)
+    return tuple(_text(s, "stop") for s in stops)
 
 
 def _messages(messages: Any, limits: Limits) -> list[dict]:

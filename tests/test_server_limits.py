@@ -188,6 +188,7 @@ def test_bad_sampling_parameters_are_400_naming_the_field(server, params, param)
         (b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}', "temperature"),
         (b'{"messages": [{"role": "user", "content": "Hi"}], "top_p": Infinity}', "top_p"),
         (b"\xff\xfe\x00garbage", None),
+        (b'{"messages": [{"role": "user", "content": "Hi"}], "stop": ["\\ud800"]}', "stop"),
     ],
 )
 def test_malformed_bodies_are_400(server, body, where):
