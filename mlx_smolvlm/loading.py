@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,17 @@ import mlx.nn as nn
 from huggingface_hub import HfApi, constants, snapshot_download
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig
-from .config import load_config as read_config
-from .model import Model
+from .model import Model, ModelConfig
+from .model import load_config as read_config
+from .processing import Processor
+from .tuner.adapters import apply_adapters
 from .utils.validation import check_keywords
 
 # Files a checkpoint needs: weights, configs, tokenizer and chat template.
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
+# Tokenizer, processor, chat template and generation files travel with converted weights.
+SIDE_FILE_PATTERNS = ("*.json", "*.txt", "*.jinja", "tokenizer.model")
+NOT_COPIED = {"config.json", "model.safetensors.index.json"}
 
 HUB_TIMEOUT = 10.0  # seconds, unless HF_HUB_ETAG_TIMEOUT says otherwise
 
@@ -94,6 +99,23 @@ def load_weights(model_path: Path) -> dict[str, mx.array]:
         except Exception as e:
             raise ValueError(f"{file}: cannot read safetensors ({e}); is it truncated?") from e
     return weights
+
+
+def stored_dtype(raw: dict) -> str | None:
+    """The float dtype a config.json names (at the top or in text_config), if any."""
+    for section in (raw, raw.get("text_config") or {}):
+        for key in ("torch_dtype", "dtype"):
+            if section.get(key) in DTYPES:
+                return section[key]
+    return None
+
+
+def copy_side_files(source: Path, out: Path) -> None:
+    """Copy the tokenizer, processor, chat template and generation config files."""
+    for pattern in SIDE_FILE_PATTERNS:
+        for file in source.glob(pattern):
+            if file.is_file() and file.name not in NOT_COPIED:
+                shutil.copy2(file, out / file.name)
 
 
 def resolve_dtype(dtype: str | mx.Dtype | None, stored: str | None = None) -> mx.Dtype:
@@ -199,8 +221,6 @@ def load(
     **processor_kwargs: Any,
 ) -> tuple[Model, Any]:
     """Load a SmolVLM checkpoint (local dir or Hub id) and its processor: `(model, processor)`."""
-    from .processing import Processor
-
     accepted = ["adapter_path", "dtype", "lazy", "revision"]
     check_keywords(
         "load", processor_kwargs, [*accepted, *(f.name for f in dataclasses.fields(Processor))]
@@ -208,8 +228,6 @@ def load(
     model_path = get_model_path(path_or_repo, revision)
     model = load_model(model_path, dtype=dtype, lazy=True)
     if adapter_path is not None:
-        from .lora import apply_adapters
-
         apply_adapters(model, adapter_path)
     if not lazy:
         mx.eval(model.parameters())

@@ -9,9 +9,6 @@ at a time through `batch_stream_generate` when they arrive within `--batch-windo
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import itertools
 import json
 import queue
@@ -20,7 +17,6 @@ import socket
 import threading
 import time
 import traceback
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -31,20 +27,24 @@ from typing import Any
 import click
 from PIL import Image
 
-from .batch import SamplingParams, batch_stream_generate, render_prompt
-from .generate import DEFAULT_MODEL, GenerationResult, image_kwargs_from_cli
-from .processing import IMAGE_TOKEN
+from .generation import GenerationResult, SamplingParams, batch_stream_generate
+from .generation.generate import render_prompt
+from .loading import load
+from .processing.fetch import FetchError, FetchLimits, open_image
+from .processing.image import load_image
+from .processing.messages import IMAGE_TYPES, MessageError, request_messages
+from .processing.processor import IMAGE_TOKEN
+from .utils.options import dtype_option, image_kwargs, model_option, tiling_options
 from .utils.validation import (
     MAX_SEED,
     Command,
     ValidationError,
     check_float,
+    check_image_kwargs,
     check_int,
     check_text,
 )
 
-ROLES = ("system", "user", "assistant")
-FETCH_STEP_S = 5.0  # longest wait for any one socket operation of an image download
 CLIENT_POLL_S = 0.25  # how often a waiting handler checks that its client is still there
 MAX_STOP_STRINGS = 4
 
@@ -176,39 +176,31 @@ def _stop_strings(stop: Any) -> tuple[str, ...]:
 
 def _messages(messages: Any, limits: Limits) -> list[dict]:
     """Checked messages with each image part replaced by the loaded image."""
-    if not isinstance(messages, list) or not messages:
-        raise ApiError("messages must be a non-empty list", param="messages")
-    images = sum(
-        isinstance(part, dict) and part.get("type") == "image_url"
-        for message in messages
-        if isinstance(message, dict) and isinstance(message.get("content"), list)
-        for part in message["content"]
-    )
-    if images > limits.max_images:  # counted before any image is fetched
-        raise ApiError(
-            f"the request has {images} images; this server takes at most {limits.max_images} "
-            "(--max-images)",
-            param="messages",
-            code="too_many_images",
+    if isinstance(messages, list):
+        images = sum(
+            isinstance(part, dict) and part.get("type") in IMAGE_TYPES
+            for message in messages
+            if isinstance(message, dict) and isinstance(message.get("content"), list)
+            for part in message["content"]
         )
+        if images > limits.max_images:  # counted before any image is fetched
+            raise ApiError(
+                f"the request has {images} images; this server takes at most "
+                f"{limits.max_images} (--max-images)",
+                param="messages",
+                code="too_many_images",
+            )
     budget = [limits.max_total_pixels]  # pixels the request's images may still use
-    out = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise ApiError(f"{where} must be an object with a role in {ROLES}", param=where)
-        content = message.get("content")
-        if isinstance(content, list):
-            content = [
-                _part(part, f"{where}.content[{j}]", limits, budget)
-                for j, part in enumerate(content)
-            ]
-        elif isinstance(content, str):
-            _text(content, f"{where}.content")
-        else:
-            raise ApiError(f"{where}.content must be a string or a list of parts", param=where)
-        out.append({"role": message["role"], "content": content})
-    return out
+
+    def fetch(url: str, where: str) -> Image.Image:
+        image = fetch_image(url, limits, where, budget[0])
+        budget[0] -= image.width * image.height
+        return image
+
+    try:
+        return request_messages(messages, fetch)
+    except MessageError as e:
+        raise ApiError(str(e), param=e.where) from e
 
 
 def _text(text: str, where: str) -> str:
@@ -217,24 +209,6 @@ def _text(text: str, where: str) -> str:
         return check_text(where, text)
     except ValidationError as e:
         raise ApiError(str(e), param=where) from None
-
-
-def _part(part: Any, where: str, limits: Limits, budget: list[int]) -> dict:
-    """One content part: text stays, an image_url part becomes an image part."""
-    kind = part.get("type") if isinstance(part, dict) else None
-    if kind == "text" and isinstance(part.get("text"), str):
-        return {"type": "text", "text": _text(part["text"], where + ".text")}
-    if kind == "image_url":
-        url = part.get("image_url")
-        url = url.get("url") if isinstance(url, dict) else url
-        if not isinstance(url, str) or not url:
-            raise ApiError(f"{where}.image_url.url must be a string", param=where)
-        image = fetch_image(url, limits, where, budget[0])
-        budget[0] -= image.width * image.height
-        return {"type": "image", "image": image}
-    raise ApiError(
-        f"{where} must be a text part with a string 'text' or an image_url part", param=where
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -248,109 +222,25 @@ def fetch_image(
 
     `pixel_budget` is what the request's images may still use of `max_total_pixels`.
     """
-    if url.startswith("data:"):
-        data = _data_url_bytes(url, where)
-    elif url.startswith(("http://", "https://")):
-        if not limits.remote_images:
-            raise ApiError(
-                f"{where}: this server does not fetch image URLs (--no-remote-images); "
-                "send the image as a data: URL",
-                param=where,
-            )
-        data = _download(url, limits.max_image_bytes, where, limits.fetch_timeout)
-    else:
-        data = _local_file(url, limits, where)
-    if len(data) > limits.max_image_bytes:
-        raise _too_large(where, f"more than {limits.max_image_bytes} bytes")
     budget = limits.max_total_pixels if pixel_budget is None else pixel_budget
-    return _decode_image(data, limits.max_image_pixels, where, budget)
-
-
-def _too_large(where: str, what: str) -> ApiError:
-    return ApiError(f"{where}: the image is too large ({what})", 413, where, "image_too_large")
-
-
-def _data_url_bytes(url: str, where: str) -> bytes:
-    header, _, payload = url.partition(",")
-    if not header.startswith("data:image/") or not header.endswith(";base64"):
-        raise ApiError(f"{where}: expected a data:image/...;base64, URL", param=where)
+    fetch_limits = FetchLimits(
+        max_bytes=limits.max_image_bytes,
+        max_pixels=min(limits.max_image_pixels, budget),
+        remote=limits.remote_images,
+        local=limits.allowed_image_dir is not None,
+        allowed_dir=limits.allowed_image_dir,
+        timeout=limits.fetch_timeout,
+    )
     try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ApiError(f"{where}: invalid base64 image data ({e})", param=where) from e
-
-
-def _download(url: str, max_bytes: int, where: str, timeout: float = 15.0) -> bytes:
-    """The bytes behind an http(s) URL, reading no more than the limit allows, within about
-    `timeout` seconds in all: a server that trickles its answer is cut off too."""
-    deadline = time.monotonic() + timeout
-    data = bytearray()
-    try:
-        # Each socket operation waits at most `step`; the deadline is checked between reads.
-        step = min(FETCH_STEP_S, timeout)
-        with urllib.request.urlopen(url, timeout=step) as response:
-            # One byte past the limit is enough to know the image is too large.
-            while len(data) <= max_bytes:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no whole image within {timeout:g} s")
-                chunk = response.read1(min(2**16, max_bytes + 1 - len(data)))
-                if not chunk:
-                    break
-                data += chunk
-    except (OSError, ValueError) as e:
-        reason = " ".join(str(e).split())[:200] or type(e).__name__
-        raise ApiError(f"{where}: cannot download {url:.200}: {reason}", param=where) from None
-    return bytes(data)
-
-
-def _local_file(url: str, limits: Limits, where: str) -> bytes:
-    """An image file inside the allow-listed directory (relative paths start there)."""
-    if limits.allowed_image_dir is None:
-        raise ApiError(
-            f"{where}: local image paths are disabled (start the server with "
-            "--allowed-image-dir); send a data: or http(s) URL",
-            param=where,
-        )
-    allowed = limits.allowed_image_dir.resolve()
-    missing = ApiError(f"{where}: no image file {url!r:.200} in the allowed directory", param=where)
-    try:
-        path = (allowed / Path(url.removeprefix("file://")).expanduser()).resolve()
-        if not path.is_relative_to(allowed) or not path.is_file():
-            raise missing
-        with path.open("rb") as file:
-            data = file.read(limits.max_image_bytes + 1)
-    # A NUL byte, an over-long name, a symlink loop or an unreadable file: all the client's.
-    except (OSError, ValueError, RuntimeError):
-        raise missing from None
-    if len(data) > limits.max_image_bytes:
-        raise _too_large(where, f"more than {limits.max_image_bytes} bytes")
-    return data
-
-
-def _decode_image(data: bytes, max_pixels: int, where: str, budget: int) -> Image.Image:
-    """Decode image bytes, refusing images with more than `max_pixels` (or more than the
-    request's remaining `budget` of pixels) before decoding."""
-    from .image_processing import load_image
-
-    try:
-        image = Image.open(io.BytesIO(data))
-        if image.width * image.height > max_pixels:
-            size = f"{image.width}x{image.height}, more than {max_pixels} pixels"
-            raise _too_large(where, size)
-        if image.width * image.height > budget:
-            raise _too_large(where, "the request's images exceed --max-total-pixels together")
-        image.load()
-        # The same EXIF rotation and RGB conversion that `generate` applies to files and URLs.
-        return load_image(image)
-    except ApiError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise _too_large(where, str(e)) from e
-    # Whatever PIL raises on hostile bytes (OSError, SyntaxError, struct.error...) is the
-    # client's bad image, never a server error.
-    except Exception as e:
-        reason = " ".join(str(e).split())[:200]
-        raise ApiError(f"{where}: not an image that can be read ({reason})", param=where) from e
+        image = open_image(url, fetch_limits, where)
+    except FetchError as e:
+        if e.too_large:
+            total = budget < limits.max_image_pixels
+            note = " (the request's images exceed --max-total-pixels together)" if total else ""
+            raise ApiError(str(e) + note, 413, where, "image_too_large") from e
+        raise ApiError(str(e), param=where) from e
+    # The same EXIF rotation and RGB conversion that `generate` applies to files and URLs.
+    return load_image(image)
 
 
 # ---------------------------------------------------------------------------
@@ -688,7 +578,7 @@ class Handler(BaseHTTPRequestHandler):
         before the worker spends time on them; fit the default max_tokens to the window."""
         worker, limits = self.server.worker, self.server.limits
         try:
-            text, images = render_prompt(worker.processor, request.messages)
+            text, images, _ = render_prompt(worker.processor, request.messages)
         except ApiError:
             raise
         except Exception as e:
@@ -832,7 +722,7 @@ POSITIVE = click.IntRange(min=1)
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Hub repo id or path.")
+@model_option()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
     "--port",
@@ -913,17 +803,8 @@ POSITIVE = click.IntRange(min=1)
 @click.option(
     "--max-batch-size", type=POSITIVE, default=8, show_default=True, help="Most requests per batch."
 )
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
-    default=None,
-    help="Compute dtype (default: float32 on the CPU backend, the checkpoint's on Metal).",
-)
-@click.option("--no-image-splitting", is_flag=True, help="Encode each image as one tile.")
-@click.option(
-    "--longest-edge", type=POSITIVE, default=None, help="Resize images to this edge first."
-)
-@click.option("--max-tiles", type=POSITIVE, default=None, help="At most this many tiles per image.")
+@dtype_option()
+@tiling_options
 def main(
     model,
     host,
@@ -947,8 +828,6 @@ def main(
     max_tiles,
 ):
     """Serve a SmolVLM model with an OpenAI-compatible chat completions API."""
-    from .loading import load
-
     limits = Limits(
         max_body_bytes=max_body_bytes,
         max_image_bytes=max_image_bytes,
@@ -963,12 +842,13 @@ def main(
         fetch_timeout=fetch_timeout,
         max_pending=max_pending,
     )
-    image_kwargs = image_kwargs_from_cli(None, no_image_splitting, longest_edge, max_tiles, False)
+    kwargs = image_kwargs(no_image_splitting, longest_edge, max_tiles)
+    check_image_kwargs(kwargs)
     try:
         vlm, processor = load(model, dtype=dtype)
         name = model_name(model)
         server = create_server(
-            vlm, processor, name, host, port, limits, batch_window_ms, max_batch_size, image_kwargs
+            vlm, processor, name, host, port, limits, batch_window_ms, max_batch_size, kwargs
         )
     except (FileNotFoundError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e

@@ -23,9 +23,9 @@ from PIL import Image
 from reference import save_hf_checkpoint, tiny_config_for_real_tokenizer
 
 from mlx_smolvlm import load
-from mlx_smolvlm.batch import batch_generate
 from mlx_smolvlm.generate import generate, stream_generate
 from mlx_smolvlm.generate import main as generate_main
+from mlx_smolvlm.generation import batch_generate
 from mlx_smolvlm.utils.validation import Command, ValidationError, fit_to_window
 
 pytest.importorskip("transformers")

@@ -1,1 +1,1 @@
-"""Helpers shared by the library, the command lines and the server."""
+"""Shared plumbing: atomic files and folders, command-line options."""

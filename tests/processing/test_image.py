@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
-from mlx_smolvlm.image_processing import (
+from mlx_smolvlm.processing.image import (
     ImageProcessor,
     array_to_image,
     fetch_image,

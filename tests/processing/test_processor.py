@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
-from mlx_smolvlm.image_processing import ImageProcessor
-from mlx_smolvlm.processing import (
+from mlx_smolvlm.processing.image import ImageProcessor
+from mlx_smolvlm.processing.processor import (
     IMAGE_TOKEN,
     Processor,
     Tokenizer,

@@ -16,9 +16,7 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
-from . import cpu_decode
 from .config import TextConfig
-from .cpu_kernels import host_attention, host_swiglu, use_host_kernels
 
 
 class Attention(nn.Module):
@@ -50,11 +48,12 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        if L > 1 and isinstance(k, mx.array) and use_host_kernels(self, q):
-            out = host_attention(q, k, v, self.scale, mask)  # prefill; not quantized caches
-        else:
-            out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        out = self.attend(q, k, v, mask, cache)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def attend(self, q: mx.array, k: Any, v: Any, mask: Any, cache: Any) -> mx.array:
+        """Attention of the new queries over the (cached) keys and values."""
+        return scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
 
 
 class MLP(nn.Module):
@@ -66,10 +65,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dims, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        if x.shape[1] > 1 and use_host_kernels(self, x):
-            return self.down_proj(host_swiglu(gate, up))  # prefill
-        return self.down_proj(nn.silu(gate) * up)
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -126,15 +122,6 @@ class LanguageModel(nn.Module):
         input_embeddings: mx.array | None = None,
         mask: Any = None,
     ) -> mx.array:
-        x = inputs if inputs is not None else input_embeddings
-        if (
-            mask is None
-            and x.shape[:2] == (1, 1)
-            and use_host_kernels(self, self.norm.weight)
-            and cpu_decode.supported(self, cache)
-        ):
-            token = None if inputs is None else inputs.item()
-            return cpu_decode.decode_step(self, token, input_embeddings, cache)
         return self.logits(self.hidden_states(inputs, cache, input_embeddings, mask))
 
     def make_cache(self) -> list[KVCache]:

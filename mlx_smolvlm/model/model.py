@@ -11,21 +11,8 @@ import numpy as np
 from .config import ModelConfig
 from .connector import Connector
 from .language import LanguageModel
-from .vision import VisionModel
-
-
-def padding_mask(attention_mask: np.ndarray, length: int) -> mx.array:
-    """Causal mask that also hides padded keys, for the last `length` of the masked positions.
-
-    Each query may always see itself so rows of padding tokens are never empty (an all-masked
-    row makes NaNs that would leak through the attention weights' zeros).
-    """
-    total = attention_mask.shape[1]
-    queries = np.arange(total - length, total)[:, None]
-    keys = np.arange(total)[None, :]
-    visible = (keys <= queries) & attention_mask.astype(bool)[:, None, :]
-    visible |= keys == queries
-    return mx.array(visible[:, None])
+from .mask import padding_mask
+from .vision import VisionModel, patch_inputs
 
 
 class Model(nn.Module):
@@ -38,22 +25,14 @@ class Model(nn.Module):
         self.connector = Connector(config)
         self.language_model = LanguageModel(config.text_config)
 
-    def get_image_features(
-        self,
-        pixel_values: Any,
-        pixel_attention_mask: Any = None,
-        chunk_size: int | None = None,
-    ) -> mx.array:
-        """Encode (batch, images, 3, H, W) pixels into (real tiles * image_seq_len, hidden).
-
-        All-zero tiles are padding and are dropped, as the reference does. With `chunk_size`
-        the tiles are encoded and evaluated that many at a time to bound peak memory.
-        """
-        pixels = mx.array(pixel_values)
+    def image_inputs(self, pixel_values: Any, pixel_attention_mask: Any = None) -> dict:
+        """The vision tower's inputs for (batch, images, 3, H, W) pixels, computed on the host:
+        the real tiles channels-last ("pixels"; all-zero tiles are padding and are dropped, as
+        the reference does), their patches' "position_ids" and padded-patch "mask"."""
+        pixels = np.asarray(pixel_values)
         batch, images, channels, height, width = pixels.shape
         pixels = pixels.reshape(batch * images, channels, height, width)
-        real = np.array(mx.any(pixels.reshape(batch * images, -1) != 0, axis=1))
-        keep = np.flatnonzero(real)
+        keep = np.flatnonzero(pixels.reshape(batch * images, -1).any(axis=1))
         if pixel_attention_mask is None:
             pixel_mask = np.ones((len(keep), height, width), dtype=bool)
         else:
@@ -63,19 +42,43 @@ class Model(nn.Module):
         rows, cols = height // p, width // p  # a remainder narrower than a patch is dropped
         pixel_mask = pixel_mask[:, : rows * p, : cols * p]
         patch_mask = pixel_mask.reshape(len(keep), rows, p, cols, p).any(axis=(2, 4))
+        position_ids, mask = patch_inputs(patch_mask, self.config.vision_config.patches_per_side)
         # MLX convolutions take channels last.
-        pixels = pixels[mx.array(keep)].transpose(0, 2, 3, 1)
-        step = chunk_size or max(len(keep), 1)
+        inputs = {
+            "pixels": mx.array(pixels[keep].transpose(0, 2, 3, 1)),
+            "position_ids": position_ids,
+        }
+        return inputs if mask is None else {**inputs, "mask": mask}
+
+    def encode_images(self, inputs: dict, chunk_size: int | None = None) -> mx.array:
+        """Image features (real tiles * image_seq_len, hidden) of `image_inputs`' output.
+
+        With `chunk_size` the tiles are encoded and evaluated that many at a time to bound
+        peak memory."""
+        count = inputs["pixels"].shape[0]
+        step = chunk_size or max(count, 1)
         features = []
-        for start in range(0, len(keep), step):
-            hidden = self.vision_model(
-                pixels[start : start + step], patch_mask[start : start + step]
-            )
-            features.append(self.connector(hidden))
+        for start in range(0, count, step):
+            part = {k: v[start : start + step] for k, v in inputs.items()}
+            features.append(self.connector(self.vision_model(**part)))
             if chunk_size:
                 mx.eval(features[-1])
         features = mx.concatenate(features) if features else mx.zeros((0, 1, 1))
         return features.reshape(-1, features.shape[-1])
+
+    def get_image_features(
+        self,
+        pixel_values: Any,
+        pixel_attention_mask: Any = None,
+        chunk_size: int | None = None,
+    ) -> mx.array:
+        """Encode (batch, images, 3, H, W) pixels into (real tiles * image_seq_len, hidden)."""
+        return self.encode_images(self.image_inputs(pixel_values, pixel_attention_mask), chunk_size)
+
+    def image_positions(self, input_ids: Any) -> mx.array:
+        """Flat positions of the `<image>` tokens of `input_ids`, computed on the host."""
+        ids = np.asarray(input_ids).reshape(-1)
+        return mx.array(np.flatnonzero(ids == self.config.image_token_id))
 
     def embed(
         self,
@@ -86,15 +89,21 @@ class Model(nn.Module):
         chunk_size: int | None = None,
     ) -> mx.array:
         """Token embeddings with `<image>` positions replaced by image features, in order."""
-        ids = mx.array(input_ids)
-        embeddings = self.language_model.embed_tokens(ids)
         if image_features is None and pixel_values is not None:
             image_features = self.get_image_features(pixel_values, pixel_attention_mask, chunk_size)
-        positions = np.flatnonzero(np.array(ids).reshape(-1) == self.config.image_token_id)
+        return self.merge_images(
+            mx.array(input_ids), self.image_positions(input_ids), image_features
+        )
+
+    def merge_images(
+        self, input_ids: mx.array, positions: mx.array, image_features: mx.array | None
+    ) -> mx.array:
+        """Token embeddings of `input_ids` with the flat `positions` replaced by the features."""
+        embeddings = self.language_model.embed_tokens(input_ids)
         n_features = 0 if image_features is None else image_features.shape[0]
-        if len(positions) != n_features:
+        if positions.size != n_features:
             raise ValueError(
-                f"the prompt has {len(positions)} <image> tokens (id {self.config.image_token_id}) "
+                f"the prompt has {positions.size} <image> tokens (id {self.config.image_token_id}) "
                 f"but the images give {n_features} features "
                 f"({self.config.image_seq_len} per tile): the text and the images do not match"
             )
@@ -102,7 +111,7 @@ class Model(nn.Module):
             return embeddings
         batch, length, dims = embeddings.shape
         flat = embeddings.reshape(batch * length, dims)
-        flat[mx.array(positions)] = image_features.astype(flat.dtype)
+        flat[positions] = image_features.astype(flat.dtype)
         return flat.reshape(batch, length, dims)
 
     def __call__(

@@ -7,17 +7,17 @@ rescale/normalize steps use the same dtypes in the same order.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
-import urllib.request
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
+
+from ..utils.validation import check_resize_shape
+from .fetch import FetchLimits, open_image
 
 # Absolute cap on the resized longest edge, as in the reference ("4k resolution").
 MAX_IMAGE_SIZE = 4096
@@ -36,7 +36,7 @@ def load_image(source: ImageSource, timeout: float = 10.0) -> Image.Image:
     elif isinstance(source, np.ndarray) or _is_array_like(source):
         image = array_to_image(np.asarray(source))
     elif isinstance(source, (str, Path)):
-        image = _open_image(source, timeout)
+        image = open_image(source, FetchLimits(timeout=timeout))
     else:
         raise TypeError(
             f"Cannot load an image from {type(source).__name__}: expected a path, an http(s) URL, "
@@ -103,68 +103,6 @@ def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
     alpha = rgba[..., 3:4] / 255
     blended = alpha * rgba[..., :3] + (1 - alpha) * 255
     return np.round(blended).astype(np.uint8)
-
-
-def _open_image(source: str | Path, timeout: float) -> Image.Image:
-    """Open and fully decode an image file, URL or data URI, with errors naming the source."""
-    name = str(source)
-    if name.startswith(("http://", "https://")):
-        data = _download(name, timeout)
-        stream: Any = io.BytesIO(data)
-    elif name.startswith("data:image/"):
-        stream = io.BytesIO(_decode_data_uri(name))
-        name = name[:40] + "..."
-    else:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"Image file not found: {path}")
-        if not path.is_file():
-            raise ValueError(f"Cannot read image {path}: not a regular file")
-        stream = path
-    return _decode(stream, name)
-
-
-def _download(url: str, timeout: float) -> bytes:
-    """Fetch the bytes behind an http(s) URL."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.read()
-    except OSError as err:
-        raise ValueError(f"Cannot download image {url}: {err}") from err
-
-
-def _decode_data_uri(uri: str) -> bytes:
-    """Decode the base64 payload of a `data:image/...;base64,` URI."""
-    try:
-        return base64.b64decode(uri.split(",", 1)[1], validate=True)
-    except (IndexError, ValueError) as err:
-        raise ValueError(f"Cannot decode image data URI {uri[:40]}...: {err}") from err
-
-
-def _decode(stream: Any, name: str) -> Image.Image:
-    """Open, check the pixel budget and decode an image, raising ValueError naming it."""
-    try:
-        image = Image.open(stream)
-        _check_pixel_budget(image, name)
-        image.load()  # decode now, so truncated files fail here and not mid-pipeline
-    except Image.DecompressionBombError as err:
-        raise ValueError(f"Image {name} is too large to decode safely: {err}") from err
-    except UnidentifiedImageError as err:
-        raise ValueError(f"{name} is not an image PIL can read") from err
-    except OSError as err:
-        raise ValueError(f"Cannot read image {name}: {err}") from err
-    return image
-
-
-def _check_pixel_budget(image: Image.Image, name: str) -> None:
-    """Refuse images PIL would only warn about (DecompressionBombWarning) before decoding."""
-    limit = Image.MAX_IMAGE_PIXELS
-    pixels = image.width * image.height
-    if limit is not None and pixels > limit:
-        raise ValueError(
-            f"Image {name} has {image.width}x{image.height} = {pixels} pixels, above PIL's "
-            f"decompression-bomb limit of {limit}; refusing to decode it"
-        )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -440,3 +378,13 @@ def _pad(frames: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
             pixels[i, j, :, : frame.shape[1], : frame.shape[2]] = frame
             mask[i, j, : frame.shape[1], : frame.shape[2]] = True
     return pixels, mask
+
+
+def load_images(sources: Any, resize_shape: tuple[int, int] | None = None) -> list[Image.Image]:
+    """Load images (paths, URLs...), each resized to HEIGHT x WIDTH `resize_shape` if given."""
+    check_resize_shape(resize_shape)
+    images = [load_image(source) for source in sources]
+    if resize_shape:
+        height, width = resize_shape
+        images = [im.resize((width, height), Image.Resampling.LANCZOS) for im in images]
+    return images

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -11,29 +12,29 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from faults import kill_at
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.tuner.lora import LoRALinear
 from PIL import Image
 from reference import copy_tokenizer_files, tiny_config_for_real_tokenizer
 
 from mlx_smolvlm import fuse as fuse_cli
-from mlx_smolvlm import load, trainer
+from mlx_smolvlm import generate, load
 from mlx_smolvlm import lora as lora_cli
-from mlx_smolvlm.config import ModelConfig
-from mlx_smolvlm.generate import generate
-from mlx_smolvlm.image_processing import load_image
-from mlx_smolvlm.lora import AdapterError, apply_adapters, select_modules
-from mlx_smolvlm.model import Model
+from mlx_smolvlm.lora import run_training
+from mlx_smolvlm.model import Model, ModelConfig
 from mlx_smolvlm.processing import Processor
-from mlx_smolvlm.trainer import (
+from mlx_smolvlm.processing.image import load_image
+from mlx_smolvlm.tuner import trainer
+from mlx_smolvlm.tuner.adapters import AdapterError, apply_adapters, select_modules
+from mlx_smolvlm.tuner.datasets import (
     TrainingError,
     encode_conversation,
     image_grid,
     load_dataset,
-    loss_fn,
     make_batch,
-    run_training,
 )
+from mlx_smolvlm.tuner.trainer import loss_fn
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -376,7 +377,7 @@ def test_train_vision_adapts_and_trains_the_vision_tower(checkpoint, processor, 
     ]
     assert len(vision_b) == 13 and all(np.abs(np.array(v)).max() > 0 for v in vision_b)
     fused = fuse_cli.fuse(checkpoint, tmp_path, tmp_path / "fused")
-    assert fused_logits_gap(checkpoint, tmp_path, fused, processor, data) <= 1e-5
+    assert fused_logits_gap(checkpoint, tmp_path, fused, processor, data) <= 2e-6
 
 
 def test_qlora_trains_on_a_quantized_model(quantized_checkpoint, data, tmp_path):
@@ -402,7 +403,9 @@ def fused_logits_gap(
     inputs = (batch.input_ids, batch.pixel_values, batch.pixel_attention_mask)
     with_adapters = load(base, adapter_path=adapters)[0](*inputs)
     merged = load(fused)[0](*inputs)
-    return float(mx.abs(with_adapters - merged).max())
+    # Relative to the logits' size: W + s * B @ A rounds in float32 (logits of ~18 differ by
+    # ~2e-5, ~1e-6 of their size, depending on the trained adapters).
+    return float(mx.abs(with_adapters - merged).max() / mx.abs(merged).max())
 
 
 def test_fused_model_equals_base_plus_adapters(trained, checkpoint, processor, data, workdir):
@@ -411,18 +414,65 @@ def test_fused_model_equals_base_plus_adapters(trained, checkpoint, processor, d
     args = ["--model", str(checkpoint), "--adapter-path", str(adapters), "--save-path", str(fused)]
     result = CliRunner().invoke(fuse_cli.main, args)
     assert result.exit_code == 0, result.output
-    assert fused_logits_gap(checkpoint, adapters, fused, processor, data) <= 1e-5
+    assert fused_logits_gap(checkpoint, adapters, fused, processor, data) <= 2e-6
     assert (fused / "tokenizer.json").exists() and (fused / "preprocessor_config.json").exists()
     assert not any(k.endswith("lora_a") for k in mx.load(str(fused / "model.safetensors")))
     result = CliRunner().invoke(fuse_cli.main, args)  # an existing output is not replaced silently
     assert result.exit_code != 0 and "--force" in result.output
 
 
+def listing(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+@pytest.mark.parametrize("pause", ["staged", "swapped"])
+def test_sigkilled_fuse_leaves_old_or_new_model(trained, checkpoint, tmp_path, pause):
+    adapters, _ = trained
+    target = tmp_path / "fused"
+    shutil.copytree(checkpoint, target)  # an old model at the target
+    old = listing(target)
+    args = ["--model", str(checkpoint), "--adapter-path", str(adapters)]
+    kill_at(pause, ["-m", "mlx_smolvlm.fuse", *args, "--save-path", str(target), "--force"])
+    assert any(p.name.startswith(".fused.") for p in tmp_path.iterdir())  # what the kill left
+    reference = fuse_cli.fuse(checkpoint, adapters, tmp_path / "reference")
+    assert listing(target) == (listing(reference) if pause == "swapped" else old)
+    fuse_cli.fuse(checkpoint, adapters, target, force=True)  # the next run cleans up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused", "reference"]
+    assert target.stat().st_mode & 0o777 == 0o755
+
+
+def test_fuse_disk_full_is_one_line_and_leaves_nothing(trained, checkpoint, tmp_path, monkeypatch):
+    adapters, _ = trained
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mx, "save_safetensors", full)
+    target = tmp_path / "fused"
+    args = ["--model", str(checkpoint), "--adapter-path", str(adapters), "--save-path", str(target)]
+    result = CliRunner().invoke(fuse_cli.main, args)
+    assert result.exit_code == 1 and "No space left on device" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fuse_refuses_a_folder_that_is_not_a_model(trained, checkpoint, tmp_path):
+    adapters, _ = trained
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "sub").mkdir()
+    args = ["--model", str(checkpoint), "--adapter-path", str(adapters), "--force"]
+    result = CliRunner().invoke(fuse_cli.main, [*args, "--save-path", str(tmp_path)])
+    assert result.exit_code == 1 and "not a model's" in result.output
+    result = CliRunner().invoke(fuse_cli.main, [*args, "--save-path", str(checkpoint.parent)])
+    assert result.exit_code == 1 and "source checkpoint" in result.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_fused_quantized_model_with_dequantize(quantized_checkpoint, processor, data, tmp_path):
     run_training(**train_args(quantized_checkpoint, data, tmp_path / "q", iters=3, val_batches=0))
     fused = fuse_cli.fuse(quantized_checkpoint, tmp_path / "q", tmp_path / "fused", dequantize=True)
     assert "quantization" not in json.loads((fused / "config.json").read_text())
-    assert fused_logits_gap(quantized_checkpoint, tmp_path / "q", fused, processor, data) <= 1e-5
+    assert fused_logits_gap(quantized_checkpoint, tmp_path / "q", fused, processor, data) <= 2e-6
     requantized = fuse_cli.fuse(quantized_checkpoint, tmp_path / "q", tmp_path / "fused-4bit")
     model = load(requantized)[0]
     assert isinstance(model.language_model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
@@ -531,7 +581,7 @@ def test_cli_help_documents_every_flag():
 def test_example_script_runs(checkpoint, tmp_path):
     import importlib.util
 
-    file = Path(__file__).resolve().parents[1] / "examples" / "finetune_captions.py"
+    file = Path(__file__).resolve().parents[2] / "examples" / "finetune_captions.py"
     spec = importlib.util.spec_from_file_location("finetune_captions", file)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

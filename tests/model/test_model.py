@@ -20,19 +20,21 @@ from reference import (
 )
 
 from mlx_smolvlm import load_model
-from mlx_smolvlm.config import ConfigError, ModelConfig
-from mlx_smolvlm.cpu_kernels import host_kernels
-from mlx_smolvlm.vision import patch_position_ids
+from mlx_smolvlm.backends.cpu import prepare
+from mlx_smolvlm.model.config import ConfigError, ModelConfig
+from mlx_smolvlm.model.vision import patch_position_ids
 
 pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(params=["mlx-kernels", "host-kernels"])
-def kernels(request):
-    """Run the test with MLX's kernels, then with the CPU host kernels the generators use."""
-    with host_kernels(request.param == "host-kernels"):
-        yield
+def kernels(request, monkeypatch):
+    """Run the test with the pure-MLX model, then with the CPU backend's host modules that
+    the generators install (`backends.cpu.prepare`)."""
+    if request.param == "host-kernels":
+        plain = load_model
+        monkeypatch.setitem(globals(), "load_model", lambda *a, **k: prepare(plain(*a, **k)))
 
 
 def checkpoint(tmp_path, model_type="idefics3", geometry="256m", seed=0):
@@ -210,7 +212,7 @@ def test_real_256m_shape_with_real_processor(tmp_path, smolvlm_256m_dir):
     """The full SmolVLM-256M-Instruct shape, real config, tokenizer and processor, split image."""
     from reference import copy_tokenizer_files, hf_model
 
-    from mlx_smolvlm.processing import Processor
+    from mlx_smolvlm.processing.processor import Processor
 
     config = json.loads((smolvlm_256m_dir / "config.json").read_text())
     hf = hf_model(config, seed=0)

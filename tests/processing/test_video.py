@@ -3,7 +3,7 @@
 transformers' video processor needs torchvision, which does not import beside this
 environment's torch. Without it the pieces it is made of still run here (PyAV reader, frame
 sampler, prompt builder, chat template, tokenizer, model); the whole processor runs in
-another Python given by $SMOLVLM_VIDEO_REF_PYTHON (tests/video_reference.py).
+another Python given by $SMOLVLM_VIDEO_REF_PYTHON (tests/processing/video_reference.py).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from hypothesis import strategies as st
 from PIL import Image
 from reference import copy_tokenizer_files, hf_logits, save_hf_checkpoint
 from reference import tiny_config_for_real_tokenizer as tiny_config
-from test_processing import hf_tokenizer, reference_processor
+from test_processor import hf_tokenizer, reference_processor
 
-from mlx_smolvlm.processing import Processor, image_prompt_string
-from mlx_smolvlm.video_processing import (
+from mlx_smolvlm.processing.processor import Processor, image_prompt_string
+from mlx_smolvlm.processing.video import (
     VIDEO_CHAT_TEMPLATE,
     Video,
     VideoProcessor,
@@ -42,7 +42,7 @@ from mlx_smolvlm.video_processing import (
     video_prompt_string,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REF_PYTHON = os.environ.get("SMOLVLM_VIDEO_REF_PYTHON")
 SAMPLING = {"fps": 1, "max_frames": 64, "video_size": {"longest_edge": 512}}
 # name: (file, frames, fps, width, height)
@@ -488,7 +488,7 @@ def assert_logits_close(ours, ref):
 
 @pytest.mark.torch
 def test_video_logits_match_transformers(videos, checkpoint):
-    from mlx_smolvlm.generate import prepare_inputs
+    from mlx_smolvlm.generation import prepare_inputs
 
     _, hf, model, processor = checkpoint
     picture = Image.new("RGB", (300, 200), (20, 120, 200))
@@ -504,7 +504,7 @@ def test_video_logits_match_transformers(videos, checkpoint):
 def test_generate_with_video_matches_transformers_greedy(videos, checkpoint):
     import torch
 
-    from mlx_smolvlm.generate import generate, prepare_inputs
+    from mlx_smolvlm.generation import generate, prepare_inputs
 
     _, hf, model, processor = checkpoint
     inputs = prepare_inputs(processor, "What happens?", video=videos["portrait"], max_frames=3)
@@ -525,7 +525,7 @@ def test_generate_with_video_matches_transformers_greedy(videos, checkpoint):
 
 @pytest.mark.torch
 def test_bare_video_parts_take_the_video_argument(videos, checkpoint):
-    from mlx_smolvlm.generate import prepare_inputs
+    from mlx_smolvlm.generation import prepare_inputs
 
     processor = checkpoint[3]
     bare = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Hi"}]}]
@@ -594,7 +594,7 @@ MULTI_IMAGE = {
 @pytest.mark.torch
 @pytest.mark.parametrize("case", MULTI_IMAGE)
 def test_several_images_match_transformers(case, checkpoint):
-    from mlx_smolvlm.generate import prepare_inputs
+    from mlx_smolvlm.generation import prepare_inputs
 
     _, hf, model, processor = checkpoint
     messages = MULTI_IMAGE[case]
@@ -657,7 +657,7 @@ def reference_runs(videos, processor_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("case", range(len(REF_CASES)))
 def test_whole_video_pipeline_matches_transformers(case, reference_runs, videos, processor):
-    from mlx_smolvlm.generate import prepare_inputs
+    from mlx_smolvlm.generation import prepare_inputs
 
     name, fps, most, first = REF_CASES[case]
     ref, arrays = reference_runs[case]

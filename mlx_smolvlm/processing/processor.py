@@ -17,14 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import mlx.core as mx
 import numpy as np
 import tokenizers
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .config import ConfigError, ModelConfig
-from .image_processing import ImageProcessor, _pad, fetch_image
-from .video_processing import (
+from ..model.config import ConfigError, ModelConfig
+from .image import ImageProcessor, _pad, fetch_image
+from .messages import build_messages, media_parts, normalize_message
+from .video import (
     VIDEO_CHAT_TEMPLATE,
     VIDEO_TOKEN,
     VideoProcessor,
@@ -49,9 +51,6 @@ _CLEAN_UP = {
     " 've": "'ve",
     " 're": "'re",
 }
-
-# Content-block keys that carry an image or video source in transformers-style messages.
-_SOURCE_KEYS = {"image": ("image", "url", "path"), "video": ("video", "url", "path")}
 
 
 def _read_json(file: Path) -> dict[str, Any]:
@@ -389,60 +388,6 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
-def _normalize_message(message: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop None fields, turn string content into a text block and image_url blocks into image blocks."""
-    message = {k: v for k, v in message.items() if v is not None}
-    content = message.get("content")
-    if isinstance(content, str):
-        # SmolVLM-1 templates index content[0]['type'] and would silently drop a bare string.
-        message["content"] = [{"type": "text", "text": content}]
-    elif isinstance(content, list):
-        message["content"] = [_normalize_block(block) for block in content]
-    return message
-
-
-def _normalize_block(block: Any) -> Any:
-    """OpenAI-style {"type": "image_url", "image_url": {"url": ...}} -> {"type": "image", "url": ...}."""
-    if isinstance(block, dict) and block.get("type") == "image_url" and "image_url" in block:
-        url = block["image_url"]
-        return {"type": "image", "url": url.get("url", "") if isinstance(url, dict) else url}
-    return block
-
-
-def _media_sources(messages: list[dict[str, Any]], media: str = "image") -> list[Any]:
-    """Sources carried by `media` ("image" or "video") blocks, in order (blocks without one are skipped)."""
-    sources = []
-    for message in messages:
-        for block in message.get("content") or []:
-            if isinstance(block, dict) and block.get("type") == media:
-                source = next((block[k] for k in _SOURCE_KEYS[media] if k in block), None)
-                if source is not None:
-                    sources.append(source)
-    return sources
-
-
-def _has_video(messages: list[dict[str, Any]]) -> bool:
-    """Whether any message holds a video block."""
-    return any(
-        isinstance(block, dict) and block.get("type") == "video"
-        for message in messages
-        for block in message.get("content") or []
-    )
-
-
-def build_messages(
-    prompt: str, num_images: int = 0, system: str | None = None, num_videos: int = 0
-) -> list[dict[str, Any]]:
-    """Messages for a plain text prompt with `num_videos` videos, then `num_images` images, in front of it."""
-    content = [{"type": "video"} for _ in range(num_videos)]
-    content += [{"type": "image"} for _ in range(num_images)]
-    content.append({"type": "text", "text": prompt})
-    messages = [{"role": "user", "content": content}]
-    if system is not None:
-        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
-    return messages
-
-
 # ---------------------------------------------------------------------------
 # Prompt expansion
 
@@ -577,8 +522,6 @@ def _to_tensors(out: dict[str, Any], return_tensors: str | None) -> dict[str, An
         out = dict(out, input_ids=np.array(out["input_ids"], dtype=np.int64))
         out["attention_mask"] = np.array(out["attention_mask"], dtype=np.int64)
     if return_tensors == "mlx":
-        import mlx.core as mx  # lazily: tokenization alone should not start MLX
-
         dtypes = {"input_ids": np.int32, "attention_mask": np.int32}
         out = {
             k: mx.array(v.astype(dtypes.get(k, v.dtype))) if isinstance(v, np.ndarray) else v
@@ -871,9 +814,9 @@ class Processor:
         ]
         if not tokenize:
             return prompts if batched else prompts[0]
-        normalized = [[_normalize_message(m) for m in c] for c in conversations]
-        images = [_media_sources(c, "image") for c in normalized]
-        videos = [v for c in normalized for v in _media_sources(c, "video")]
+        normalized = [[normalize_message(m) for m in c] for c in conversations]
+        images = [[s for s in media_parts(c, "image") if s is not None] for c in normalized]
+        videos = [v for c in normalized for v in media_parts(c, "video") if v is not None]
         if self.tokenizer.starts_with_bos(prompts[0]):
             options.setdefault("add_special_tokens", False)
         out = self(
@@ -895,10 +838,11 @@ class Processor:
         variables: dict[str, Any],
     ) -> str:
         """One conversation rendered with the chat template."""
-        conversation = [_normalize_message(m) for m in messages]
+        conversation = [normalize_message(m) for m in messages]
         # Like transformers' SmolVLMProcessor: messages with a video get its video-aware
         # template unless one is passed, since SmolVLM2 checkpoints' templates drop videos.
-        default = VIDEO_CHAT_TEMPLATE if _has_video(conversation) else self.chat_template
+        has_video = bool(media_parts(conversation, "video"))
+        default = VIDEO_CHAT_TEMPLATE if has_video else self.chat_template
         template = chat_template or default
         if template is None:
             raise ValueError("This processor has no chat template; pass chat_template=...")
@@ -981,8 +925,42 @@ def _load_chat_template(path: Path) -> str | None:
     return None
 
 
+def apply_chat_template(
+    processor: Processor,
+    config: ModelConfig | dict | str | list | None = None,
+    prompt: str | dict | list | None = None,
+    num_images: int = 0,
+    add_generation_prompt: bool = True,
+    return_messages: bool = False,
+    **kw: Any,
+) -> str | list:
+    """Render a prompt string (with `num_images` images in front) or chat messages with the
+    model's template, with mlx-vlm's signature: `apply_chat_template(processor, config,
+    prompt, num_images=1)`. `config` (model.config, a config dict or None) may be left out:
+    `apply_chat_template(processor, prompt, num_images=1)`; the processor holds the template.
+    """
+    if prompt is None and isinstance(config, (str, list, tuple)):
+        config, prompt = None, config
+    if config is not None and not isinstance(config, (ModelConfig, dict)):
+        raise TypeError(
+            f"config must be a ModelConfig, a dict or None, got {type(config).__name__}"
+        )
+    if prompt is None:
+        raise TypeError("apply_chat_template needs a prompt (a string or chat messages)")
+    if isinstance(prompt, str):
+        messages = build_messages(prompt, num_images)
+    else:
+        messages = [prompt] if isinstance(prompt, dict) else list(prompt)
+    if return_messages:
+        return messages
+    return processor.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, **kw
+    )
+
+
 __all__ = [
     "Processor",
+    "apply_chat_template",
     "StreamingDetokenizer",
     "Tokenizer",
     "build_messages",

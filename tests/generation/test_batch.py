@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-from mlx_lm.models.cache import KVCache
 from PIL import Image, ImageDraw
 from reference import save_hf_checkpoint, tiny_config_for_real_tokenizer
 
-from mlx_smolvlm import cpu_decode, load
-from mlx_smolvlm.batch import SamplingParams, batch_generate, batch_stream_generate, render_batch
+from mlx_smolvlm import load
+from mlx_smolvlm.backends import cpu, decoder
 from mlx_smolvlm.generate import generate
+from mlx_smolvlm.generation.batch import (
+    SamplingParams,
+    batch_generate,
+    batch_stream_generate,
+    render_batch,
+)
 
 pytest.importorskip("transformers")
 pytest.importorskip("torch")
@@ -76,12 +81,12 @@ def test_batch_of_one_decodes_as_generate_does(loaded, monkeypatch):
     backend the host decode step, not the batched MLX one."""
     model, processor = loaded
     steps = []
-    host_step = cpu_decode.decode_step
-    monkeypatch.setattr(cpu_decode, "decode_step", lambda *a: steps.append(1) or host_step(*a))
+    host_step = cpu.decode_step
+    monkeypatch.setattr(cpu, "decode_step", lambda *a: steps.append(1) or host_step(*a))
     [result] = batch_generate(model, processor, ["What is this?"], [picture(400, 60)], max_tokens=8)
     alone = generate(model, processor, "What is this?", picture(400, 60), max_tokens=8)
     assert result.token_ids == alone.token_ids and result.text == alone.text
-    if mx.default_device() == mx.cpu and cpu_decode.supported(model.language_model, [KVCache()]):
+    if mx.default_device() == mx.cpu and decoder.supported(model.language_model):
         assert len(steps) >= 2 * (len(alone.token_ids) - 1)  # both runs decoded on the host
 
 

@@ -2,28 +2,19 @@
 
 On x86 Linux MLX's CPU kernels evaluate exp/tanh one element at a time on one thread (about
 15 ns per element on a 2-core machine, 8x slower than numpy): attention's softmax and the vision
-tower's GELU then cost more than all the matrix products. Two remedies live here:
-
-- compiled rational functions (`gelu_tanh`), which stay inside MLX's graph and so can be
-  differentiated; used while training;
-- host kernels (`host_attention`, `host_gelu_tanh`) for inference: the operands are evaluated and
-  handed to numpy without a copy, and the softmax/GELU run with numpy's vectorized exp/tanh on
-  every core, in cache-sized blocks. They cut the vision tower's time about in half. They are not
-  differentiable, so models use them only inside a `host_kernels()` block (the generation
-  functions open one) and in eval mode; a model called directly, or under `mx.grad`, runs MLX's.
-
-On Metal none of this applies: MLX's own kernels are used. MLX_SMOLVLM_HOST_KERNELS=0 turns the
-host kernels off.
+tower's GELU then cost more than all the matrix products. These host kernels hand evaluated
+operands to numpy (read through views, never written) and run the softmax, GELU, SwiGLU and
+layer norm with numpy's vectorized functions on every core, in cache-sized blocks, into numpy
+buffers of their own. They cut the vision tower's time about in half. They are not
+differentiable: `backends.cpu.prepare` installs them for inference only.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from functools import cache
 from typing import Any
 
@@ -31,69 +22,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-# tanh(x) ~= x * P(u) / Q(u) with u = (x / CLAMP)^2, for |x| <= CLAMP (tanh(9) rounds to 1.0).
-# Coefficients fitted here (weighted least squares on [0, 9]); float32 error within 4e-7.
-CLAMP = 9.0
-P = [0.9999999987, 11.08151972, 25.38810288, 14.89739789, 1.319134474, -0.04270404489]
-Q = [1.0, 38.08151872, 178.7892405, 209.4293355, 55.49097888]
-GELU_C = math.sqrt(2 / math.pi)
+from ..model.vision import GELU_C
 
 QUERY_BLOCK = 256  # query rows per attention task: a block's scores stay in the CPU cache
 BLOCK = 1 << 18  # at most this many elements per elementwise task (1 MiB of float32)
-
-
-def _polyval(coefficients: list[float], u: mx.array) -> mx.array:
-    result = coefficients[-1]
-    for c in reversed(coefficients[:-1]):
-        result = result * u + c
-    return result
-
-
-@mx.compile
-def tanh(x: mx.array) -> mx.array:
-    """tanh as a vectorizable rational function."""
-    x = mx.clip(x, -CLAMP, CLAMP)
-    u = mx.square(x * (1 / CLAMP))
-    return x * _polyval(P, u) / _polyval(Q, u)
-
-
-@mx.compile
-def _gelu_tanh(x: mx.array) -> mx.array:
-    inner = GELU_C * (x + 0.044715 * x * x * x)
-    return 0.5 * x * (1 + tanh(inner))
-
-
-def gelu_tanh(x: mx.array) -> mx.array:
-    """GELU with the tanh approximation (SigLIP's `gelu_pytorch_tanh`), differentiable."""
-    if mx.default_device() == mx.cpu:
-        return _gelu_tanh(x)
-    return nn.gelu_approx(x)
-
-
-_inference = threading.local()
-
-
-@contextmanager
-def host_kernels(enabled: bool = True) -> Iterator[None]:
-    """Inside this block (in this thread) eval-mode models may use the host kernels."""
-    previous = getattr(_inference, "enabled", False)
-    _inference.enabled = enabled
-    try:
-        yield
-    finally:
-        _inference.enabled = previous
-
-
-def use_host_kernels(module: nn.Module, x: mx.array) -> bool:
-    """Whether `module` may hand `x`'s work to the host kernels: inside `host_kernels()`, CPU,
-    float32, eval mode."""
-    return (
-        getattr(_inference, "enabled", False)
-        and not module.training
-        and x.dtype == mx.float32
-        and mx.default_device() == mx.cpu
-        and os.environ.get("MLX_SMOLVLM_HOST_KERNELS") != "0"
-    )
 
 
 @cache
@@ -108,7 +40,7 @@ def _pool() -> ThreadPoolExecutor:
 
 @cache
 def _blas_controller() -> Any:
-    try:
+    try:  # threadpoolctl: optional (a dependency on Linux, absent on macOS)
         from threadpoolctl import ThreadpoolController
     except ImportError:
         return None
@@ -136,10 +68,15 @@ def _run(task, count: int) -> None:
             pass
 
 
-def _host_view(x: mx.array) -> np.ndarray:
-    """An evaluated MLX array as a numpy array sharing its memory."""
+def host_view(x: mx.array) -> np.ndarray:
+    """An MLX array as a read-only numpy array sharing its memory (evaluated first: a lazy
+    array has no data). MLX arrays are values: their memory is read, never written.
+
+    The view does not keep `x`'s memory alive: callers hold `x` while they use it."""
     mx.eval(x)
-    return np.array(x, copy=False)
+    view = np.array(x, copy=False)
+    view.flags.writeable = False
+    return view
 
 
 def _additive_mask(mask: Any, queries: int, keys: int) -> np.ndarray | None:
@@ -168,7 +105,7 @@ def host_attention(
     q is (batch, heads, queries, dims), k and v (batch, kv_heads, keys, dims) with heads a
     multiple of kv_heads (grouped queries); the result is (batch, heads, queries, v_dims).
     """
-    qn, kn, vn = _host_view(q), _host_view(k), _host_view(v)
+    qn, kn, vn = host_view(q), host_view(k), host_view(v)
     batch, heads, queries, _ = qn.shape
     kv_heads, keys = kn.shape[1], kn.shape[2]
     group = heads // kv_heads
@@ -211,63 +148,58 @@ def host_attention(
     return mx.array(out).transpose(0, 2, 1, 3)
 
 
-def _in_place(x: mx.array, *others: mx.array, kernel) -> mx.array:
-    """Apply `kernel(block, *other_blocks)` to 1 MiB blocks of `x` across threads, in place.
-
-    `x` must not be used elsewhere (a Linear's output here): its buffer is overwritten, which
-    saves copying the largest activations in and out of MLX. A view that is not contiguous
-    is copied first.
-    """
-    data = _host_view(x)
-    if not data.flags.c_contiguous or not data.flags.writeable:
-        data, x = np.ascontiguousarray(data).copy(), None
-    flat = data.reshape(-1)
-    flat_others = [np.broadcast_to(_host_view(o), data.shape).reshape(-1) for o in others]
-
+def _elementwise(kernel, x: mx.array, *others: mx.array) -> mx.array:
+    """`kernel(out_block, x_block, *other_blocks)` over 1 MiB blocks across threads, into a
+    numpy buffer of its own (the operands are only read)."""
+    data = host_view(x)
+    out = np.empty(data.shape, dtype=np.float32)
+    flat, flat_out = np.ascontiguousarray(data).reshape(-1), out.reshape(-1)
+    flat_others = [np.broadcast_to(host_view(o), data.shape).reshape(-1) for o in others]
     block = _task_size(flat.size)
 
     def task(i: int) -> None:
         part = slice(i * block, (i + 1) * block)
-        kernel(flat[part], *(o[part] for o in flat_others))
+        kernel(flat_out[part], flat[part], *(o[part] for o in flat_others))
 
     _run(task, math.ceil(flat.size / block))
-    return x if x is not None else mx.array(data)
+    return mx.array(out)
 
 
-def _gelu_block(block: np.ndarray) -> None:
-    inner = block * block
-    inner *= 0.044715 * GELU_C
-    inner += GELU_C
-    inner *= block  # GELU_C * (x + 0.044715 x^3)
-    np.tanh(inner, out=inner)
-    inner += 1.0
-    inner *= 0.5
-    block *= inner
+def _gelu_block(out: np.ndarray, x: np.ndarray) -> None:
+    np.multiply(x, x, out=out)
+    out *= 0.044715 * GELU_C
+    out += GELU_C
+    out *= x  # GELU_C * (x + 0.044715 x^3)
+    np.tanh(out, out=out)
+    out += 1.0
+    out *= 0.5
+    out *= x
 
 
-def _swiglu_block(gate: np.ndarray, up: np.ndarray) -> None:
-    sigmoid = np.tanh(gate * np.float32(0.5))  # sigmoid(g) = (1 + tanh(g / 2)) / 2, no overflow
-    sigmoid += 1.0
-    sigmoid *= 0.5
-    gate *= sigmoid
-    gate *= up
+def _swiglu_block(out: np.ndarray, gate: np.ndarray, up: np.ndarray) -> None:
+    np.multiply(gate, np.float32(0.5), out=out)
+    np.tanh(out, out=out)  # sigmoid(g) = (1 + tanh(g / 2)) / 2, no overflow
+    out += 1.0
+    out *= 0.5
+    out *= gate
+    out *= up
 
 
 def host_swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    """silu(gate) * up with numpy across threads, in place on `gate` (a fresh intermediate)."""
-    return _in_place(gate, up, kernel=_swiglu_block)
+    """silu(gate) * up with numpy across threads."""
+    return _elementwise(_swiglu_block, gate, up)
 
 
 def host_gelu_tanh(x: mx.array) -> mx.array:
-    """GELU (tanh approximation) with numpy across threads, in place on a fresh intermediate."""
-    return _in_place(x, kernel=_gelu_block)
+    """GELU (tanh approximation) with numpy across threads."""
+    return _elementwise(_gelu_block, x)
 
 
 def host_layer_norm(x: mx.array, norm: nn.LayerNorm) -> mx.array:
     """`norm(x)` over the last axis with numpy across threads, in row blocks that stay in cache."""
-    data = _host_view(x)
+    data = host_view(x)
     rows = data.reshape(-1, data.shape[-1])
-    weight, bias = _host_view(norm.weight), _host_view(norm.bias)
+    weight, bias = host_view(norm.weight), host_view(norm.bias)
     out = np.empty(rows.shape, dtype=np.float32)
     block = _task_size(*rows.shape)
 

@@ -10,7 +10,7 @@ from conftest import MODELS
 from reference import tiny_config, write_config
 
 from mlx_smolvlm import load_model
-from mlx_smolvlm.config import ConfigError, ModelConfig, TextConfig, VisionConfig
+from mlx_smolvlm.model.config import ConfigError, ModelConfig, TextConfig, VisionConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -226,7 +226,7 @@ def test_config_that_is_not_an_object(tmp_path):
 
 
 def test_processor_reads_image_seq_len_from_a_sparse_config(tmp_path):
-    from mlx_smolvlm.processing import _image_seq_len
+    from mlx_smolvlm.processing.processor import _image_seq_len
 
     raw = {
         "model_type": "smolvlm",

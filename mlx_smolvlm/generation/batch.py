@@ -1,8 +1,8 @@
 """Batched generation: several prompts, each with its own images, decoded together.
 
-Each prompt is rendered exactly as `generate.prepare_inputs` renders it, then ONE processor
-call tokenizes the batch, left-padding the ids and padding every prompt's image tiles with
-zero tiles (which the model drops). The decoder runs on mlx-lm's `BatchKVCache`, whose
+Each prompt is rendered as `generate.prepare_inputs` renders it (`render_prompt`), then ONE
+processor call tokenizes the batch, left-padding the ids and padding every prompt's image tiles
+with zero tiles (which the model drops). The decoder runs on mlx-lm's `BatchKVCache`, whose
 per-sequence offsets start each sequence's RoPE positions at its first real token, so every
 sequence sees the positions it would see alone. A sequence that finishes (end-of-turn token,
 stop string, `max_tokens`) is filtered out of the cache and the others carry on.
@@ -17,13 +17,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache, KVCache
+from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import make_sampler
 
-from .cpu_kernels import host_kernels
-from .generate import GenerationResult, prepare_inputs
-from .model import Model
-from .utils.validation import (
+from ..backends.cpu import prepare
+from ..model import Model
+from ..model.mask import with_self
+from ..utils.validation import (
     IMAGE_KWARGS,
     check_image_kwargs,
     check_int,
@@ -31,6 +31,8 @@ from .utils.validation import (
     check_sampling,
     fit_to_window,
 )
+from .cache import make_cache
+from .generate import GenerationResult, render_prompt
 
 
 @dataclass(frozen=True)
@@ -45,34 +47,6 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings: the text is cut before the first one
 
 
-class _Renderer:
-    """Stands in for the processor in `prepare_inputs` to get one prompt's text and images.
-
-    The batch is processed in one call afterwards; going through `prepare_inputs` keeps the
-    rendering rules (system prompt, image placeholders, chat messages) identical to `generate`.
-    """
-
-    def __init__(self, processor: Any):
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-
-    def apply_chat_template(self, messages: list[dict], **kwargs: Any) -> str:
-        return self.processor.apply_chat_template(messages, **kwargs)
-
-    def is_rendered(self, prompt: str) -> bool:
-        return self.processor.is_rendered(prompt)
-
-    def __call__(self, text: str, images: Any = None, **_: Any) -> tuple[str, list]:
-        return text, list(images or [])
-
-
-def render_prompt(
-    processor: Any, prompt: str | list[dict], image: Any = None, system: str | None = None
-) -> tuple[str, list]:
-    """A prompt's chat-template text and its images, by the rules of `generate.prepare_inputs`."""
-    return prepare_inputs(_Renderer(processor), prompt, image, system)
-
-
 def render_batch(
     processor: Any,
     prompts: Sequence[str | list[dict]],
@@ -85,8 +59,8 @@ def render_batch(
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} image entries for {len(prompts)} prompts")
     rendered = [render_prompt(processor, p, im, system) for p, im in zip(prompts, images)]
-    texts = [text for text, _ in rendered]
-    groups = [group for _, group in rendered]
+    texts = [text for text, _, _ in rendered]
+    groups = [group for _, group, _ in rendered]
     return processor(
         text=texts,
         images=groups if any(groups) else None,
@@ -157,14 +131,8 @@ class _Sequence:
 
 
 def _attention_mask(cache: BatchKVCache, length: int) -> mx.array:
-    """Causal mask hiding each sequence's left padding, for the next `length` positions.
-
-    Each query may always see itself so that rows of padding are never empty: an all-masked
-    row makes NaNs that would reach real tokens through the padded keys and values.
-    """
-    mask = cache.make_mask(length)
-    total = mask.shape[-1]
-    return mask | (mx.arange(total - length, total)[:, None] == mx.arange(total)[None])
+    """Causal mask hiding each sequence's left padding, for the next `length` positions."""
+    return with_self(cache.make_mask(length))
 
 
 def _sample(logits: mx.array, params: Sequence[SamplingParams]) -> mx.array:
@@ -185,16 +153,12 @@ def _prefill(
 ) -> tuple[list, mx.array]:
     """Run the padded prompts through the decoder in chunks; logits of the last position only.
 
-    A batch of one has no padding and gets plain KV caches, so that its decode steps take the
-    same (on the CPU backend, host-kernel) path as `stream_generate`.
+    A batch of one has no padding: it gets the model's own cache, as `stream_generate` does.
     """
     padding = (inputs["attention_mask"] == 0).sum(axis=1).tolist()
     language = model.language_model
     single = len(padding) == 1
-    cache = [KVCache() if single else BatchKVCache(padding) for _ in language.layers]
-    for c in cache:
-        # One allocation for the whole generation instead of growing 256 tokens at a time.
-        c.step = max(256, -(-capacity // 256) * 256)
+    cache = make_cache(model, capacity, left_padding=padding)
     embeddings = model.embed(
         inputs["input_ids"],
         inputs.get("pixel_values"),
@@ -256,6 +220,7 @@ def batch_stream_generate(
     check_image_kwargs(image_kwargs)
     check_int("prefill_step_size", prefill_step_size, 1)
     check_int("vision_chunk_size", vision_chunk_size, 1)
+    prepare(model)
     shared = SamplingParams(max_tokens, temperature, top_p, top_k, min_p, tuple(stop))
     params = list(sampling) if sampling is not None else [shared] * len(prompts)
     if len(params) != len(prompts):
@@ -279,8 +244,7 @@ def batch_stream_generate(
         for p, n, (_, notice) in zip(params, prompt_lengths, fitted)
     ]
     capacity = inputs["input_ids"].shape[1] + max(p.max_tokens for p in params)
-    with host_kernels():
-        cache, logits = _prefill(model, inputs, capacity, prefill_step_size, vision_chunk_size)
+    cache, logits = _prefill(model, inputs, capacity, prefill_step_size, vision_chunk_size)
     active = list(range(len(prompts)))  # prompt index of each batch row
     tokens = _sample(logits, params)
     mx.eval(tokens)
@@ -288,8 +252,7 @@ def batch_stream_generate(
     prompt_tps = sum(prompt_lengths) / (decode_start - start)
     while active:
         # Queue the next step before reading this one so that the device keeps busy.
-        with host_kernels():
-            following = _decode_step(model, cache, tokens, [params[i] for i in active])
+        following = _decode_step(model, cache, tokens, [params[i] for i in active])
         mx.async_eval(following)
         for i, token in zip(active, tokens.tolist()):
             sequence = sequences[i]
@@ -353,5 +316,4 @@ __all__ = [
     "batch_generate",
     "batch_stream_generate",
     "render_batch",
-    "render_prompt",
 ]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .image_processing import ImageProcessor, array_to_image, to_rgb
+from .image import ImageProcessor, array_to_image, to_rgb
 
 VIDEO_TOKEN = "<video>"
 # What SmolVLM2 checkpoints ship in preprocessor_config.json's `video_sampling`.
@@ -369,7 +369,7 @@ class VideoProcessor:
             return load_video(source, fps, max_frames, sample)
         raise TypeError(
             f"A video must be a file path or a Video, got {type(source).__name__}; "
-            "wrap decoded frames with mlx_smolvlm.video_processing.video_from_frames(frames, fps=...)"
+            "wrap decoded frames with mlx_smolvlm.processing.video.video_from_frames(frames, fps=...)"
         )
 
     def __call__(self, video: Video) -> np.ndarray:

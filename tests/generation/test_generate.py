@@ -13,12 +13,12 @@ from PIL import Image, ImageDraw
 from reference import save_hf_checkpoint, tiny_config_for_real_tokenizer
 
 from mlx_smolvlm import load
-from mlx_smolvlm.generate import PromptCache, generate, prepare_inputs, stream_generate
+from mlx_smolvlm.generation import PromptCache, generate, prepare_inputs, stream_generate
 
 pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_bounded_and_quantized_kv_cache_generate(loaded):
 
 
 def run_cli(module: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLX_SMOLVLM_QUIET": "1"}
+    env = dict(os.environ)
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         capture_output=True,
