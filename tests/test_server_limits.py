@@ -262,10 +262,13 @@ class _Slow(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "image/png")
         self.send_header("Content-Length", "100000")
         self.end_headers()
-        for _ in range(30):
-            self.wfile.write(b"\x89")
-            self.wfile.flush()
-            time.sleep(1)
+        try:
+            for _ in range(30):
+                self.wfile.write(b"\x89")
+                self.wfile.flush()
+                time.sleep(1)
+        except OSError:
+            pass  # the server gave up on us, as it should
 
     def log_message(self, *args):
         pass
@@ -282,7 +285,7 @@ def test_image_downloads_have_an_overall_deadline(server, path):
         elapsed = time.monotonic() - start
         host.shutdown()
     assert_error(status, body, 400)
-    assert "cannot download" in body["error"]["message"]
+    assert "cannot download" in body["error"]["message"].lower()
     assert elapsed < FETCH_TIMEOUT + 10, elapsed
 
 
