@@ -34,6 +34,7 @@ from .tuner.trainer import (
 )
 from .tuner.trainer import learning_rate as learning_rate_schedule
 from .utils.options import dtype_option, image_kwargs, model_option, tiling_options
+from .utils.validation import MAX_SEED, Command, check_image_kwargs, check_int
 
 
 def run_training(
@@ -133,7 +134,7 @@ def run_training(
     return history
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @model_option(help="Hub repo id or local path (quantized: QLoRA).")
 @click.option(
     "--data",
@@ -281,6 +282,8 @@ def run_training(
 @tiling_options
 def main(**options: Any) -> None:
     """Fine-tune LoRA adapters for a SmolVLM model on image-text conversations."""
+    check_int("seed", options["seed"], 0, MAX_SEED)
+    check_image_kwargs(image_kwargs(**options))
     try:
         run_training(**options)
     except (TrainingError, AdapterError, FileNotFoundError, ValueError) as e:
