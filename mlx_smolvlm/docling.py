@@ -10,7 +10,8 @@ import click
 from tqdm import tqdm
 
 from .documents import extras
-from .documents.convert import (
+from .documents.export import FORMATS, IMAGE_MODES, is_converted, parse_formats, write_document
+from .documents.pipeline import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_TOKENS,
     DEFAULT_MODEL,
@@ -18,7 +19,6 @@ from .documents.convert import (
     MODELS,
     convert,
 )
-from .documents.export import FORMATS, IMAGE_MODES, is_converted, parse_formats, write_document
 from .documents.sources import DEFAULT_DPI, Source, find_documents, open_source, parse_pages
 from .loading import load
 

@@ -3,7 +3,9 @@
 Needs the `docling` extra (docling-core, pypdfium2): `pip install "mlx-smolvlm[docling]"`.
 """
 
-from .convert import (
+from .doctags import check_doctags, to_docling
+from .export import FORMATS, write_document
+from .pipeline import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_MODEL,
     DEFAULT_PROMPT,
@@ -15,8 +17,6 @@ from .convert import (
     convert_document,
     generate_doctags,
 )
-from .doctags import check_doctags, to_docling
-from .export import FORMATS, write_document
 from .sources import DEFAULT_DPI, find_documents, open_source, parse_pages, render_pages
 
 __all__ = [

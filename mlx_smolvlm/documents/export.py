@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import extras
 from ._atomic import write_atomic
-from .convert import Conversion
+from .pipeline import Conversion
 
 FORMATS = {"md": ".md", "html": ".html", "json": ".json", "doctags": ".doctags"}
 IMAGE_MODES = ("embedded", "referenced", "placeholder")
