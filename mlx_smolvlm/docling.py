@@ -43,7 +43,7 @@ def plan(
             )
         writers[source.name] = path
         try:
-            selected = parse_pages(pages, source.page_count)
+            selected = parse_pages(pages if source.kind == "pdf" else None, source.page_count)
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from error
         documents.append((source, selected))
@@ -75,7 +75,9 @@ def plan(
     show_default=True,
     help="Most DocTags tokens per page; a page cut there is reported and kept raw.",
 )
-@click.option("--pages", default=None, help="Pages of each PDF, e.g. 1-3,7 or 5- [all].")
+@click.option(
+    "--pages", default=None, help="Pages of each PDF, e.g. 1-3,7 or 5- [all]; images are one page."
+)
 @click.option(
     "--dpi",
     type=click.FloatRange(min=0, min_open=True, max=600),
@@ -127,7 +129,7 @@ def main(
     try:
         formats = parse_formats(formats)
     except ValueError as error:
-        raise click.UsageError(str(error)) from error
+        raise click.ClickException(str(error)) from error
     try:
         documents = plan(inputs, pages, output)
     except USER_ERRORS as error:
