@@ -137,11 +137,11 @@ def test_random_smoldocling_end_to_end(smoldocling, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
 
     # --pages selects PDF pages; an image is its one page.
-    redo = run(*args, "--pages", "2-3", "--to", "md", "--overwrite")
+    redo = run(*args, "--pages", "3", "--to", "md", "--overwrite")
     assert redo.exit_code == 0, redo.output
     assert (out / "report.md").stat().st_mtime_ns > stamps["report.md"]
     assert (out / "scan.md").stat().st_mtime_ns > stamps["scan.md"]
-    assert len((out / "report.doctags").read_text().split("\n<page_break>\n")) == 2
+    assert "<page_break>" not in (out / "report.doctags").read_text()
     assert "page 3 kept as raw DocTags" in redo.stderr and "report.pdf: page 1 " not in redo.stderr
 
 
@@ -169,15 +169,22 @@ def test_good_pages_convert_beside_a_truncated_one(smoldocling, tmp_path, monkey
 
 @pytest.mark.torch
 def test_greedy_doctags_tokens_equal_transformers_generate(smoldocling, tmp_path):
-    """The pipeline's greedy tokens for rendered pages (batched two at once) are transformers'."""
+    """The pipeline's greedy tokens for two rendered pages, batched together, are transformers'.
+
+    The pages are resized to a 1024 longest edge (2x2 tiles and the global view) to keep
+    transformers' side quick; the tiling itself is checked against transformers elsewhere.
+    """
     import torch
+    from PIL import ImageOps
     from transformers import AutoProcessor
 
     checkpoint, hf = smoldocling
     model, processor = load(checkpoint)
-    source = open_source(make_pdf(tmp_path / "doc.pdf", pages=2))
-    pages = list(render_pages(source, [1, 2]))
-    ours = generate_doctags(model, processor, pages, max_tokens=12, batch_size=2)
+    source = open_source(make_pdf(tmp_path / "doc.pdf", pages=1))
+    (rendered,) = render_pages(source, [1])
+    pages = [rendered, (2, ImageOps.invert(rendered[1]))]
+    ours = generate_doctags(model, processor, pages, max_tokens=12, batch_size=2, longest_edge=1024)
+    assert ours[0].token_ids != ours[1].token_ids
 
     hf_processor = AutoProcessor.from_pretrained(checkpoint)
     messages = [
@@ -186,8 +193,10 @@ def test_greedy_doctags_tokens_equal_transformers_generate(smoldocling, tmp_path
     text = hf_processor.apply_chat_template(messages, add_generation_prompt=True)
     eos = sorted(processor.tokenizer.eos_token_ids)
     for (_, image), page in zip(pages, ours):
-        inputs = hf_processor(text=text, images=[image], return_tensors="pt")
-        assert inputs["pixel_values"].shape[1] == 17  # 4x4 tiles and the global view
+        inputs = hf_processor(
+            text=text, images=[image], size={"longest_edge": 1024}, return_tensors="pt"
+        )
+        assert inputs["pixel_values"].shape[1] == 5
         with torch.no_grad():
             out = hf.generate(
                 **inputs, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=eos[0]
