@@ -45,7 +45,7 @@ def worker_ours(args) -> dict:
         dpi=DPI,
         prompt=PROMPT,
         max_tokens=args.max_tokens,
-        batch_size=args.batch_size,
+        batch_size=int(args.batch_size),
     )
     seconds = time.perf_counter() - start
     tokens = sum(len(page.token_ids) for page in conversion.pages)
@@ -97,13 +97,12 @@ def make_pdf(path: Path, pages: int) -> Path:
     return path
 
 
-def run_worker(name: str, python: str, checkpoint: Path, args) -> dict:
+def run_worker(name: str, python: str, checkpoint: Path, batch_size: str, args) -> dict:
     env = {**os.environ, "MLX_SMOLVLM_QUIET": "1"}
     if name == "mlx-vlm" and sys.platform == "linux":
         env["LD_PRELOAD"] = OPENBLAS  # the same optimized BLAS mlx-smolvlm loads itself
     cmd = [python, __file__, "--worker", name, "--checkpoint", str(checkpoint), "--pdf",
-           str(args.pdf), "--max-tokens", str(args.max_tokens), "--batch-size",
-           str(args.batch_size)]  # fmt: skip
+           str(args.pdf), "--max-tokens", str(args.max_tokens), "--batch-size", batch_size]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
@@ -114,10 +113,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", type=Path, required=True, help="checkpoint or config directory")
+    parser.add_argument("--model", type=Path, help="checkpoint or config directory")
     parser.add_argument("--pages", type=int, default=2, help="pages in the test PDF")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument(
+        "--batch-size", default="2", help="this project's pages per batch; a list compares several"
+    )
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--impl", default="mlx-smolvlm,mlx-vlm")
     parser.add_argument("--mlx-vlm-python", default=None, help="interpreter with mlx-vlm installed")
@@ -131,6 +132,8 @@ def main() -> None:
         print(json.dumps(WORKERS[args.worker](args)))
         return
 
+    if args.model is None:
+        parser.error("--model is required")
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint = (
         build_checkpoint(args.model, args.out / "checkpoint")
@@ -142,18 +145,19 @@ def main() -> None:
     workers = {}
     for name in args.impl.split(","):
         if name == "mlx-smolvlm":
-            workers[name] = (sys.executable, checkpoint)
+            for size in args.batch_size.split(","):
+                workers[f"{name}, batch {size}"] = (sys.executable, checkpoint, size)
         elif name == "mlx-vlm" and args.mlx_vlm_python:
             path = mlx_vlm_checkpoint(
                 args.mlx_vlm_python, checkpoint, args.out / "mlx-vlm-float32", args
             )
-            workers[name] = (args.mlx_vlm_python, path)
+            workers[name] = (args.mlx_vlm_python, path, "1")
         else:
             print(f"skipping {name}: not installed", file=sys.stderr)
     runs: dict[str, list[dict]] = {name: [] for name in workers}
     for rep in range(args.reps):  # round robin
-        for name, (python, path) in workers.items():
-            run = run_worker(name, python, path, args)
+        for name, (python, path, size) in workers.items():
+            run = run_worker(name.split(",")[0], python, path, size, args)
             print(f"{name} run {rep + 1}: {json.dumps(run)}", file=sys.stderr)
             runs[name].append(run)
     print("| pipeline | pages | tokens/page | seconds | pages/s |")

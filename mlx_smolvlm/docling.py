@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -23,6 +25,17 @@ from .documents.sources import DEFAULT_DPI, Source, find_documents, open_source,
 from .loading import load
 
 USER_ERRORS = (FileNotFoundError, ValueError, OSError, ImportError)
+
+
+@contextmanager
+def reported(verbose: bool, prefix: str = "") -> Iterator[None]:
+    """Turn the errors a user's input causes into one-line messages (tracebacks with --verbose)."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        if verbose:
+            raise
+        raise click.ClickException(f"{prefix}{error}") from error
 
 
 def plan(
@@ -126,16 +139,9 @@ def main(
     Each document becomes OUTPUT/NAME.md (and .html, .json, .doctags as --to asks); documents
     whose files exist are skipped unless --overwrite.
     """
-    try:
+    with reported(verbose):
         formats = parse_formats(formats)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from error
-    try:
         documents = plan(inputs, pages, output)
-    except USER_ERRORS as error:
-        if verbose:
-            raise
-        raise click.ClickException(str(error)) from error
     todo = []
     for source, selected in documents:
         if overwrite or not is_converted(output, source.name, formats):
@@ -145,33 +151,17 @@ def main(
     if not todo:
         return
     output.mkdir(parents=True, exist_ok=True)
-    try:
+    with reported(verbose, f"--model {model}: "):
         vlm, processor = load(MODELS.get(model, model))
-    except USER_ERRORS as error:
-        if verbose:
-            raise
-        raise click.ClickException(f"--model {model}: {error}") from error
+    options = {"dpi": dpi, "prompt": prompt, "max_tokens": max_tokens, "batch_size": batch_size}
     failed = 0
     for source, selected in todo:
         try:
-            convert_one(
-                vlm,
-                processor,
-                source,
-                selected,
-                output,
-                formats,
-                images,
-                dpi=dpi,
-                prompt=prompt,
-                max_tokens=max_tokens,
-                batch_size=batch_size,
-            )
-        except USER_ERRORS as error:
-            if verbose:
-                raise
+            with reported(verbose, f"{source.path}: "):
+                convert_one(vlm, processor, source, selected, output, formats, images, **options)
+        except click.ClickException as error:
             failed += 1
-            click.echo(f"Error: {source.path}: {error}", err=True)
+            error.show()
     if failed:
         raise SystemExit(1)
 

@@ -204,3 +204,30 @@ def test_greedy_doctags_tokens_equal_transformers_generate(smoldocling, tmp_path
         expected = out[0, inputs["input_ids"].shape[1] :].tolist()
         assert page.token_ids == [t for t in expected if t not in eos]
         assert page.doctags == processor.tokenizer.decode(page.token_ids, skip_special_tokens=False)
+
+
+def test_a_document_failing_midway_does_not_stop_the_others(smoldocling, tmp_path, monkeypatch):
+    from test_documents import FakeBatch
+
+    checkpoint, _ = smoldocling
+    _, processor = load(checkpoint)
+    monkeypatch.setattr(
+        pipeline, "batch_generate", FakeBatch(processor.tokenizer, [(PAGE_TEXT, "stop")])
+    )
+    render = pipeline.render_pages
+
+    def flaky(source, pages, dpi):
+        if source.name == "a":
+            raise OSError("disk read error")
+        return render(source, pages, dpi)
+
+    monkeypatch.setattr(pipeline, "render_pages", flaky)
+    make_pdf(tmp_path / "a.pdf", pages=1)
+    make_pdf(tmp_path / "b.pdf", pages=1)
+    result = run(
+        tmp_path / "a.pdf", tmp_path / "b.pdf", "-o", tmp_path / "out", "--model", checkpoint
+    )
+    assert result.exit_code == 1
+    assert f"Error: {tmp_path / 'a.pdf'}: disk read error" in result.stderr
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.md"]
