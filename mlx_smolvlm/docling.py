@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from . import load
 from .documents import extras
 from .documents.export import FORMATS, IMAGE_MODES, is_converted, parse_formats, write_document
 from .documents.pipeline import (
@@ -22,7 +23,6 @@ from .documents.pipeline import (
     convert,
 )
 from .documents.sources import DEFAULT_DPI, Source, find_documents, open_source, parse_pages
-from .loading import load
 
 USER_ERRORS = (FileNotFoundError, ValueError, OSError, ImportError)
 

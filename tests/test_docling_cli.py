@@ -9,10 +9,10 @@ from click.testing import CliRunner
 from pages import PAGE_FIGURES, PAGE_TEXT, make_encrypted_pdf, make_pdf, page_image
 from reference import save_hf_checkpoint, tiny_config_for_real_tokenizer
 
+from mlx_smolvlm import load
 from mlx_smolvlm.docling import main
 from mlx_smolvlm.documents import DEFAULT_PROMPT, extras, generate_doctags, pipeline, render_pages
 from mlx_smolvlm.documents.sources import open_source
-from mlx_smolvlm.loading import load
 
 
 def run(*args: str):

@@ -15,6 +15,7 @@ from pages import (
     page_image,
 )
 
+from mlx_smolvlm import GenerationResult
 from mlx_smolvlm.documents import (
     Conversion,
     PageResult,
@@ -29,7 +30,6 @@ from mlx_smolvlm.documents import (
     to_docling,
     write_document,
 )
-from mlx_smolvlm.generate import GenerationResult
 
 # A page rendered at docling's 144 dpi: twice the PDF's points.
 RENDERED = (1224, 1584)
