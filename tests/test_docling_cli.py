@@ -231,3 +231,93 @@ def test_a_document_failing_midway_does_not_stop_the_others(smoldocling, tmp_pat
     assert f"Error: {tmp_path / 'a.pdf'}: disk read error" in result.stderr
     assert "Traceback" not in result.output
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.md"]
+
+
+@pytest.fixture(scope="module")
+def granite(tmp_path_factory):
+    """A random checkpoint of granite-docling's config (its vocabulary, special ids, tied
+    embeddings and patch geometry) with tiny widths and depths, and its tokenizer files."""
+    from conftest import real_model_dir
+
+    shared = real_model_dir("granite-docling-258M")
+    config = json.loads((shared / "config.json").read_text())
+    config["text_config"].update(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16,
+    )  # fmt: skip
+    config["vision_config"].update(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+    )
+    path = tmp_path_factory.mktemp("tiny-granite-docling")
+    hf = save_hf_checkpoint(path, config, seed=5, tokenizer_dir=shared)
+    return path, hf
+
+
+def test_random_granite_docling_end_to_end(granite, tmp_path):
+    checkpoint, _ = granite
+    pdf = make_pdf(tmp_path / "paper.pdf", pages=2)
+    out = tmp_path / "out"
+    args = [pdf, "-o", out, "--model", checkpoint, "--max-tokens", "6", "--to", "md,json"]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["paper.doctags", "paper.json", "paper.md"]
+    assert sorted(json.loads((out / "paper.json").read_text())["pages"]) == ["1", "2"]
+    assert len((out / "paper.doctags").read_text().split("\n<page_break>\n")) == 2
+    for n in (1, 2):
+        assert f"{pdf}: page {n} kept as raw DocTags" in result.stderr
+    again = run(*args)
+    assert again.exit_code == 0 and "already converted" in again.stdout
+
+
+def test_granite_doctags_tags_are_special_tokens_kept_in_the_text(granite, monkeypatch):
+    """In granite-docling's vocabulary <doctag>, <text>... are special tokens: the raw DocTags
+    keeps them, and </doctag> ends a page as an end-of-turn token."""
+    from test_documents import FakeBatch
+
+    checkpoint, _ = granite
+    _, processor = load(checkpoint)
+    tokenizer = processor.tokenizer
+    end = tokenizer.convert_tokens_to_ids("</doctag>")
+    assert end == 100328
+
+    class EndsOnTheToken(FakeBatch):
+        def __call__(self, *args, **kwargs):
+            results = super().__call__(*args, **kwargs)
+            for result in results:
+                if result.token_ids[-1] == end:
+                    result.token = result.token_ids.pop()
+            return results
+
+    fake = EndsOnTheToken(tokenizer, [(PAGE_TEXT, "stop"), (PAGE_FIGURES[:70], "length")])
+    monkeypatch.setattr(pipeline, "batch_generate", fake)
+    pages = generate_doctags(None, processor, [(1, page_image(0)), (2, page_image(1))])
+    assert fake.calls[0]["eos_token_ids"] >= {100257, end}
+    assert [p.doctags for p in pages] == [PAGE_TEXT, PAGE_FIGURES[:70]]
+    assert pages[0].problem is None and pages[1].problem.startswith("cut at max_tokens")
+
+
+@pytest.mark.torch
+def test_granite_greedy_tokens_equal_transformers_generate(granite, tmp_path):
+    import torch
+    from transformers import AutoProcessor
+
+    checkpoint, hf = granite
+    model, processor = load(checkpoint)
+    (page,) = render_pages(open_source(make_pdf(tmp_path / "doc.pdf", pages=1)), [1])
+    (ours,) = generate_doctags(model, processor, [page], max_tokens=12, longest_edge=1024)
+    hf_processor = AutoProcessor.from_pretrained(checkpoint)
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": DEFAULT_PROMPT}]}
+    ]
+    text = hf_processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert text == processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = hf_processor(
+        text=text, images=[page[1]], size={"longest_edge": 1024}, return_tensors="pt"
+    )
+    eos = sorted(processor.tokenizer.eos_token_ids | {100328})
+    with torch.no_grad():
+        out = hf.generate(
+            **inputs, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=100257
+        )
+    expected = out[0, inputs["input_ids"].shape[1] :].tolist()
+    assert ours.token_ids == [t for t in expected if t not in eos]
