@@ -26,7 +26,8 @@ DEFAULT_MAX_TOKENS = 8192  # what the models' cards generate for a dense page
 DEFAULT_BATCH_SIZE = 4
 END = "</doctag>"
 
-# The instructions both models were trained on (SmolDocling's card, "Supported Instructions").
+# The instructions SmolDocling was trained on (its card's "Supported Instructions"; granite-
+# docling's card carries SmolDocling's features over).
 # Only the first answers with a whole page of DocTags; the others answer about one element.
 TASK_PROMPTS = {
     "page": DEFAULT_PROMPT,
