@@ -160,14 +160,13 @@ def main() -> None:
             run = run_worker(name.split(",")[0], python, path, size, args)
             print(f"{name} run {rep + 1}: {json.dumps(run)}", file=sys.stderr)
             runs[name].append(run)
-    print("| pipeline | pages | tokens/page | seconds | pages/s |")
+    print("| pipeline | pages | tokens/page | s/page | pages/s |")
     print("|---|---|---|---|---|")
     for name, results in runs.items():
         seconds = statistics.median(r["seconds"] for r in results)
         pages, tokens = results[0]["pages"], results[0]["tokens"]
-        print(
-            f"| {name} | {pages} | {tokens / pages:.0f} | {seconds:.1f} | {pages / seconds:.3f} |"
-        )
+        row = f"{pages} | {tokens / pages:.0f} | {seconds / pages:.1f} | {pages / seconds:.4f}"
+        print(f"| {name} | {row} |")
     (args.out / "bench_docling.json").write_text(json.dumps(runs, indent=2))
 
 
