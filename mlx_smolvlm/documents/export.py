@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..utils.atomic import write_file
 from . import extras
-from ._atomic import write_atomic
 from .pipeline import Conversion
 
 FORMATS = {"md": ".md", "html": ".html", "json": ".json", "doctags": ".doctags"}
@@ -57,19 +57,19 @@ def write_document(
     paths = output_paths(output_dir, name, wanted)
     for fmt, path in zip(wanted, paths):
         if fmt == "md":
-            write_atomic(
+            write_file(
                 path,
                 lambda t: document.save_as_markdown(t, artifacts_dir=artifacts, image_mode=mode),
             )
         elif fmt == "html":
-            write_atomic(
+            write_file(
                 path, lambda t: document.save_as_html(t, artifacts_dir=artifacts, image_mode=mode)
             )
         elif fmt == "json":
-            write_atomic(
+            write_file(
                 path, lambda t: document.save_as_json(t, artifacts_dir=artifacts, image_mode=mode)
             )
         else:
             raw = PAGE_BREAK.join(page.doctags for page in conversion.pages) + "\n"
-            write_atomic(path, lambda t, raw=raw: t.write_text(raw, encoding="utf-8"))
+            write_file(path, lambda t, raw=raw: t.write_text(raw, encoding="utf-8"))
     return paths

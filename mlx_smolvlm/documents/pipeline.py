@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from .. import Model
-from ..batch import batch_generate  # after the package refactor: `from .. import batch_generate`
+from .. import Model, batch_generate
 from .doctags import check_doctags, to_docling
 from .sources import DEFAULT_DPI, open_source, parse_pages, render_pages
 

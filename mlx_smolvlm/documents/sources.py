@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from ..image_processing import load_image
+from ..processing.image import load_image
 from . import extras
 
 # docling's VLM pipeline renders PDF pages for SmolDocling and granite-docling at scale 2.0
