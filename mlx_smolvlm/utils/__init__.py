@@ -1,0 +1,1 @@
+"""Helpers shared by the command lines, the server and the library packages."""
