@@ -21,7 +21,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from jinja2 import TemplateError
-from mlx.utils import tree_flatten, tree_map_with_path
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 from mlx_lm.models.base import create_attention_mask
 from PIL import ExifTags, Image, UnidentifiedImageError
 from tqdm import tqdm
@@ -45,6 +45,7 @@ from .lora import (
 )
 from .model import Model
 from .processing import END_OF_UTTERANCE, IMAGE_TOKEN, Processor, image_prompt_string
+from .utils import distributed
 
 STATE_FILE = "training_state.safetensors"
 CURVE_FILE = "loss_curve.png"
@@ -443,15 +444,59 @@ def _run_layer(layer: nn.Module, mask: Any, params: dict, h: mx.array) -> mx.arr
     return layer(h, mask)
 
 
-def loss_fn(model: Model, batch: Batch, grad_checkpoint: bool = False) -> mx.array:
-    """Mean cross-entropy over the batch's loss tokens."""
+def loss_fn(
+    model: Model, batch: Batch, grad_checkpoint: bool = False, normalizer: float | None = None
+) -> mx.array:
+    """Mean cross-entropy over the batch's loss tokens, or their sum over `normalizer`."""
     embeddings = model.embed(batch.input_ids, batch.pixel_values, batch.pixel_attention_mask)
     hidden = decoder_hidden(model, embeddings, grad_checkpoint)[:, :-1]
     # Project only the loss positions: the vocabulary head is the largest activation.
     hidden = hidden.reshape(-1, hidden.shape[-1])[mx.array(batch.positions)]
     logits = model.language_model.logits(hidden).astype(mx.float32)
     losses = nn.losses.cross_entropy(logits, mx.array(batch.targets))
-    return losses.sum() / len(batch.positions)
+    return losses.sum() / (normalizer or len(batch.positions))
+
+
+def loss_tokens(sample: Sample) -> int:
+    """How many of a sample's tokens carry loss (the first token is never predicted)."""
+    return sum(sample.mask[1:])
+
+
+def rank_share(samples: list[Sample], rank: int, size: int) -> list[Sample]:
+    """The records of a global batch that rank `rank` of `size` trains on."""
+    per_rank = -(-len(samples) // size)
+    return samples[rank * per_rank : (rank + 1) * per_rank]
+
+
+def data_parallel_step(
+    model: Model,
+    value_and_grad: Any,
+    samples: list[Sample],
+    processor: Processor,
+    image_kwargs: dict | None,
+    grad_checkpoint: bool,
+) -> tuple[mx.array, Any, int]:
+    """This rank's share of a global batch: the batch's mean loss and gradients, and tokens.
+
+    Each rank divides its summed loss by the loss tokens of the whole global batch (known to
+    every rank, which all hold the dataset), times the number of ranks; averaging the
+    gradients over the ranks (`nn.average_gradients`) then gives exactly the gradient of the
+    global batch's mean loss, as one process with the whole batch computes it.
+    """
+    rank, size = distributed.rank(), distributed.size()
+    mine = rank_share(samples, rank, size)
+    scale = sum(map(loss_tokens, samples)) / size
+    if mine:
+        batch = make_batch(mine, processor, image_kwargs)
+        loss, grads = value_and_grad(model, batch, grad_checkpoint, scale)
+        tokens = batch.tokens
+    else:  # a short last batch of an epoch can leave a rank without records
+        grads = tree_map(mx.zeros_like, model.trainable_parameters())
+        loss, tokens = mx.array(0.0), 0
+    if size > 1:
+        grads = nn.average_gradients(grads, group=distributed.init())
+        loss = mx.distributed.all_sum(loss, group=distributed.init(), stream=mx.cpu) / size
+    return loss, grads, tokens
 
 
 def evaluate(
@@ -462,15 +507,18 @@ def evaluate(
     num_batches: int = -1,
     image_kwargs: dict | None = None,
 ) -> float:
-    """Mean loss per loss token over the validation batches (dropout off)."""
+    """Mean loss per loss token over the validation batches (dropout off), which the ranks
+    of a distributed run share out."""
     training = model.training
     model.eval()
     total, count = 0.0, 0
-    for indices in eval_batches(len(samples), batch_size, num_batches):
+    batches = eval_batches(len(samples), batch_size, num_batches)
+    for indices in batches[distributed.rank() :: distributed.size()]:
         batch = make_batch([samples[i] for i in indices], processor, image_kwargs)
         total += loss_fn(model, batch).item() * len(batch.positions)
         count += len(batch.positions)
     model.train(training)
+    total, count = distributed.all_sum([total, count])
     return total / count
 
 
@@ -591,9 +639,12 @@ def train(
     """Train the model's unfrozen (LoRA) parameters; return the loss history.
 
     Checkpoints go to `adapter_path` every `save_every` steps and at the end; with `resume`
-    the run continues from the last one with the same optimizer state and data order.
+    the run continues from the last one with the same optimizer state and data order. Under
+    `mlx.launch` each global batch is split across the ranks and their gradients averaged;
+    only rank 0 writes checkpoints, the loss curve and the progress bar.
     """
     adapter_path = Path(adapter_path)
+    main = distributed.is_main()
     optimizer = optim.Adam(learning_rate=args.learning_rate)
     step, history = restore_checkpoint(adapter_path, model, optimizer) if resume else (0, [])
     value_and_grad = nn.value_and_grad(model, loss_fn)
@@ -605,20 +656,32 @@ def train(
         history.append({"step": 0, "val_loss": validate()})
     model.train()
     start, tokens = time.perf_counter(), 0
-    bar = tqdm(total=args.iters, initial=step, disable=not progress, desc="Training", unit="step")
+    bar = tqdm(
+        total=args.iters,
+        initial=step,
+        disable=not (progress and main),
+        desc="Training",
+        unit="step",
+    )
     while step < args.iters:
         indices = batch_indices(len(train_set), args.batch_size, args.seed, step)
-        batch = make_batch([train_set[i] for i in indices], processor, image_kwargs)
         step += 1
         mx.random.seed(step_seed(args.seed, step))
-        loss, grads = value_and_grad(model, batch, args.grad_checkpoint)
+        loss, grads, batch_tokens = data_parallel_step(
+            model,
+            value_and_grad,
+            [train_set[i] for i in indices],
+            processor,
+            image_kwargs,
+            args.grad_checkpoint,
+        )
         optimizer.update(model, grads)
         mx.eval(loss, model.trainable_parameters(), optimizer.state)
         record = {"step": step, "train_loss": loss.item()}
         if validating and (step % args.steps_per_eval == 0 or step == args.iters):
             record["val_loss"] = validate()
         history.append(record)
-        tokens += batch.tokens
+        tokens += batch_tokens
         bar.update()
         bar.set_postfix(
             loss=f"{record['train_loss']:.3f}",
@@ -626,10 +689,11 @@ def train(
             peak_gb=f"{mx.get_peak_memory() / 1e9:.2f}",
             **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}),
         )
-        if step % args.save_every == 0 or step == args.iters:
+        if main and (step % args.save_every == 0 or step == args.iters):
             save_checkpoint(adapter_path, model, optimizer, step, history, config)
     bar.close()
-    plot_loss_curve(history, adapter_path / CURVE_FILE)
+    if main:
+        plot_loss_curve(history, adapter_path / CURVE_FILE)
     return history
 
 
@@ -739,6 +803,9 @@ def run_training(
     mx.random.seed(seed)  # LoRA initialization
     vlm.freeze()
     add_lora(vlm, config["modules"], config["lora_parameters"])
+    ranks = distributed.size()
+    if batch_size % ranks:
+        raise TrainingError(f"--batch-size {batch_size} does not split evenly over {ranks} ranks")
     if epochs is not None:
         iters = epochs * math.ceil(len(train_set) / batch_size)
     args = TrainingArgs(
@@ -747,13 +814,14 @@ def run_training(
     )  # fmt: skip
     trainable = sum(v.size for _, v in tree_flatten(vlm.trainable_parameters()))
     total = sum(v.size for _, v in tree_flatten(vlm.parameters()))
-    print(
+    distributed.print_main(
         f"{len(train_set)} training / {len(valid_set)} validation records; LoRA on "
         f"{len(config['modules'])} layers: {trainable / 1e6:.3f}M trainable parameters "
-        f"({100 * trainable / total:.2f}%); {args.iters} steps ({asdict(args)})"
+        f"({100 * trainable / total:.2f}%); {args.iters} steps of {batch_size} records on "
+        f"{ranks} rank{'s' * (ranks > 1)} × {batch_size // ranks} records ({asdict(args)})"
     )
     history = train(
         vlm, processor, train_set, valid_set, args, adapter_path, config, kwargs, resume, progress
     )
-    print(f"Saved adapters to {adapter_path}")
+    distributed.print_main(f"Saved adapters to {adapter_path}")
     return history
