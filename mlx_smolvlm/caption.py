@@ -91,28 +91,32 @@ def main(
         items = read_items(source, prompt, image_column, prompt_column, id_column)
         items = select(items, shuffle, seed or 0, limit)
         vlm, processor = load(model, adapter_path=adapter_path, dtype=dtype)
+        summary = caption_dataset(
+            vlm,
+            processor,
+            items,
+            output,
+            batch_size=batch_size,
+            progress=not quiet,
+            max_pixels=max_pixels,
+            resize_shape=resize_shape,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            seed=seed,
+            system=system,
+            **image_kwargs_from_cli(
+                resize_shape, no_image_splitting, longest_edge, max_tiles, no_upscale
+            ),
+        )
     except (FileNotFoundError, ValueError, OSError, ImportError) as e:
         raise click.ClickException(str(e)) from e
-    summary = caption_dataset(
-        vlm,
-        processor,
-        items,
-        output,
-        batch_size=batch_size,
-        progress=not quiet,
-        max_pixels=max_pixels,
-        resize_shape=resize_shape,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        seed=seed,
-        system=system,
-        **image_kwargs_from_cli(
-            resize_shape, no_image_splitting, longest_edge, max_tiles, no_upscale
-        ),
-    )
+    except KeyboardInterrupt:
+        raise click.ClickException(
+            "interrupted: the finished batches are kept; rerun the same command to resume"
+        ) from None
     if not quiet and distributed.is_main():
         ranks = distributed.size()
         click.echo(

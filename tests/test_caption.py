@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageDraw
-from reference import save_hf_checkpoint, tiny_config_for_real_tokenizer
+from test_lora import write_checkpoint
 
 from mlx_smolvlm import generate, load
 from mlx_smolvlm.caption import main
@@ -27,14 +27,8 @@ GENERATION = ["--max-tokens", "6", "--no-image-splitting"]
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A tiny random SmolVLM with the real 256M tokenizer, chat template and processor."""
-    from conftest import real_model_dir
-
-    path = tmp_path_factory.mktemp("tiny-smolvlm-caption")
-    save_hf_checkpoint(
-        path, tiny_config_for_real_tokenizer(), seed=3, tokenizer_dir=real_model_dir()
-    )
-    return path
+    """A tiny random SmolVLM (128-pixel tiles) with the real 256M tokenizer and processor."""
+    return write_checkpoint(tmp_path_factory.mktemp("caption") / "tiny")
 
 
 def picture(width: int, height: int, hue: int) -> Image.Image:
@@ -169,6 +163,26 @@ def test_resume_after_kill_captions_each_image_once(one_process, checkpoint, fol
     assert summary in result.output
     assert output.read_bytes() == one_process.read_bytes()  # nothing twice, nothing missing
     assert not parts_dir(output).exists()
+
+
+def test_table_with_prompts_shuffled_and_limited(checkpoint, folder, tmp_path):
+    table = tmp_path / "questions.csv"
+    rows = [("b.png", "What colour is it?"), ("c.webp", "Is there a circle?"), ("a/1.png", "Hi")]
+    table.write_text("image,question\n" + "".join(f"{folder / i},{q}\n" for i, q in rows))
+    output = tmp_path / "answers.jsonl"
+    options = ["--prompt-column", "question", "--shuffle", "--seed", "4", "--limit", "2"]
+    result = run_cli(table, "-o", output, "--model", checkpoint, *options, *GENERATION)
+    assert result.exit_code == 0, result.output
+    chosen = select(read_items(table, prompt_column="question"), shuffle=True, seed=4, limit=2)
+    records = read_jsonl(output)
+    assert [(r["id"], r["prompt"]) for r in records] == [(i.id, i.prompt) for i in chosen]
+    model, processor = load(checkpoint)
+    for record in records:
+        alone = generate(
+            model, processor, record["prompt"], record["path"], max_tokens=6,
+            do_image_splitting=False,
+        )  # fmt: skip
+        assert record["text"] == alone.text
 
 
 def _lines(path: Path) -> int:
