@@ -6,13 +6,10 @@ stream (where MLX implements them), and `barrier` is an `all_sum` of a scalar.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import cache
-from typing import Any, TypeVar
+from typing import Any
 
 import mlx.core as mx
-
-T = TypeVar("T")
 
 
 @cache
@@ -50,17 +47,6 @@ def all_sum(values: list[float]) -> list[float]:
         return list(values)
     total = mx.distributed.all_sum(mx.array(values, dtype=mx.float32), group=group, stream=mx.cpu)
     return total.tolist()
-
-
-def main_only(fn: Callable[..., T]) -> Callable[..., T | None]:
-    """Wrap `fn` so that it runs on rank 0 and does nothing (returns None) elsewhere."""
-
-    def wrapped(*args: Any, **kwargs: Any) -> T | None:
-        return fn(*args, **kwargs) if is_main() else None
-
-    wrapped.__doc__ = fn.__doc__
-    wrapped.__name__ = fn.__name__
-    return wrapped
 
 
 def print_main(*args: Any, **kwargs: Any) -> None:
