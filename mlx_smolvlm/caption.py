@@ -14,22 +14,13 @@ import click
 from mlx_smolvlm import load
 
 from .captioning import InputError, caption_dataset, read_items, read_records, select
-from .generate import image_kwargs_from_cli, image_options
-from .generate import main as generate_command
 from .utils import distributed
-
-# Options that mean the same here as in `python -m mlx_smolvlm.generate` and are shared with it.
-GENERATE_OPTIONS = (
-    "model",
-    "system",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "adapter_path",
-    "dtype",
+from .utils.options import (
+    dtype_option,
+    image_kwargs,
+    image_options,
+    model_option,
+    sampling_options,
 )
 
 
@@ -56,6 +47,14 @@ GENERATE_OPTIONS = (
     help="Refuse (record an error for) images with more pixels than this.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@model_option()
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--max-tokens", default=256, show_default=True, help="Most tokens per caption.")
+@sampling_options
+@click.option(
+    "--adapter-path", default=None, help="LoRA adapters to apply (from mlx_smolvlm.lora)."
+)
+@dtype_option()
 @image_options
 def main(
     source,
@@ -81,11 +80,14 @@ def main(
     top_p,
     top_k,
     min_p,
+    repetition_penalty,
     seed,
     adapter_path,
     dtype,
 ):
     """Caption every image of INPUT into the JSONL file --output, resumably and in batches."""
+    if repetition_penalty is not None:
+        raise click.UsageError("--repetition-penalty is not available for batched captioning")
     try:
         check_output(output)
         items = read_items(source, prompt, image_column, prompt_column, id_column)
@@ -107,9 +109,7 @@ def main(
             min_p=min_p,
             seed=seed,
             system=system,
-            **image_kwargs_from_cli(
-                resize_shape, no_image_splitting, longest_edge, max_tiles, no_upscale
-            ),
+            **image_kwargs(no_image_splitting, longest_edge, max_tiles, no_upscale),
         )
     except (FileNotFoundError, ValueError, OSError, ImportError) as e:
         raise click.ClickException(str(e)) from e
@@ -134,10 +134,6 @@ def check_output(output: Path) -> None:
     if not output.parent.is_dir():
         raise InputError(f"--output {output}: folder {output.parent} does not exist")
     read_records(output)  # an existing file must be an earlier run's output
-
-
-# The generation options are generate's own click options, shared rather than redefined.
-main.params.extend(p for p in generate_command.params if p.name in GENERATE_OPTIONS)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from ..utils import atomic
 from .inputs import InputError
 
 PART_NAME = re.compile(r"rank-(\d+)\.jsonl")
@@ -112,24 +113,21 @@ def merge(output: Path, order: Sequence[str]) -> int:
         records.setdefault(record["id"], record)
     position = {key: i for i, key in enumerate(order)}
     ordered = sorted(records.values(), key=lambda r: position.get(r["id"], len(position)))
-    write_atomic(output, (json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+    write_synced(output, (json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
     shutil.rmtree(parts_dir(output), ignore_errors=True)
     return len(ordered)
 
 
-def write_atomic(path: Path, lines: Iterable[str]) -> None:
-    """Write a text file through a temporary file and a rename, so it is whole or untouched."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+def write_synced(path: Path, lines: Iterable[str]) -> None:
+    """Write a text file whole or not at all (a temporary file, fsync, then a rename)."""
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic.write_file(path, write)
 
 
 def _all_records(output: Path) -> Iterable[dict]:

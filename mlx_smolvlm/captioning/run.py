@@ -17,8 +17,9 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from ..batch import batch_generate
-from ..image_processing import load_image
+from mlx_smolvlm import batch_generate
+
+from ..processing.image import load_image
 from ..utils import distributed
 from .inputs import Item, shard
 from .records import append_records, cut_partial_tail, done_ids, merge, part_path

@@ -1,1 +1,1 @@
-"""Helpers shared by the command lines, the server and the library packages."""
+"""Shared plumbing: atomic files and folders, command-line options, the distributed group."""
