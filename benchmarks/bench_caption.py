@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,13 @@ def run(ranks: int, args: list[str]) -> tuple[float, float, float, str]:
     """Wall seconds, captioning seconds and images/s of one run, and the stderr summary."""
     command = [sys.executable, "-m", "mlx_smolvlm.caption", *args]
     if ranks > 1:
-        launch = [shutil.which("mlx.launch"), "--backend", "ring", "-n", str(ranks)]
+        launch = [
+            str(Path(sys.executable).with_name("mlx.launch")),
+            "--backend",
+            "ring",
+            "-n",
+            str(ranks),
+        ]
         command = [*launch, "--python", sys.executable, "--", *command[1:]]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()

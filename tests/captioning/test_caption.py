@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +20,8 @@ from mlx_smolvlm.caption import main
 from mlx_smolvlm.captioning import Item, merge, read_items, select, shard
 from mlx_smolvlm.captioning.records import done_ids, part_path, parts_dir
 
+# mlx.launch is installed beside the Python running the tests (venv activated or not).
+LAUNCH = str(Path(sys.executable).with_name("mlx.launch"))
 ROOT = Path(__file__).resolve().parents[2]
 GENERATION = ["--max-tokens", "6", "--no-image-splitting"]
 
@@ -116,7 +117,7 @@ def test_folder_run_records_captions_and_failures(one_process, checkpoint, folde
 def test_two_ranks_match_one_process(one_process, checkpoint, folder, tmp_path):
     output = tmp_path / "captions.jsonl"
     command = [
-        shutil.which("mlx.launch"), "--backend", "ring", "-n", "2", "--python", sys.executable,
+        LAUNCH, "--backend", "ring", "-n", "2", "--python", sys.executable,
         "--", "-m", "mlx_smolvlm.caption", str(folder), "-o", str(output), "--model",
         str(checkpoint), "--batch-size", "3", "--max-pixels", "40000", *GENERATION,
     ]  # fmt: skip

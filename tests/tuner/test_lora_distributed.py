@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,8 @@ from test_lora import COLOURS, caption_records, write_checkpoint, write_jsonl
 from mlx_smolvlm.lora import run_training
 from mlx_smolvlm.tuner import trainer
 
+# mlx.launch is installed beside the Python running the tests (venv activated or not).
+LAUNCH = str(Path(sys.executable).with_name("mlx.launch"))
 ROOT = Path(__file__).resolve().parents[2]
 
 # Runs lora's command line with every checkpoint write logged as "rank step", in every rank.
@@ -94,7 +95,7 @@ def test_two_ranks_of_two_records_train_as_one_rank_of_four(setup, tmp_path):
     script.write_text(LOGGED_LORA)
     two = tmp_path / "two-ranks"
     command = [
-        shutil.which("mlx.launch"), "--backend", "ring", "-n", "2", "--python", sys.executable,
+        LAUNCH, "--backend", "ring", "-n", "2", "--python", sys.executable,
         "--", str(script), str(log), *cli_options(checkpoint, data, two, iters=4),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
