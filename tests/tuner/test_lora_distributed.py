@@ -59,7 +59,7 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
 
 SETTINGS = {
     "batch_size": 4, "learning_rate": 1e-3, "save_every": 2, "steps_per_eval": 2, "seed": 3,
-    "no_image_splitting": True,
+    "no_image_splitting": True, "grad_accumulation": 2,  # ranks average after accumulating
 }  # fmt: skip
 
 
