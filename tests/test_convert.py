@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
 import runpy
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,6 +15,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from faults import kill_at
 from mlx.utils import tree_flatten
 from reference import image_prompt, random_pixels, save_hf_checkpoint, tiny_config
 
@@ -322,34 +319,14 @@ def test_forced_conversion_replaces_the_old_model(
     np.testing.assert_array_equal(logits(load_model(target), inputs), source_logits)
 
 
-def convert_killed_at(pause: str, source: Path, target: Path) -> None:
-    """Run `python -m mlx_smolvlm.convert --force` and SIGKILL it at `pause`."""
-    env = {**os.environ, "MLX_SMOLVLM_PAUSE_AT": pause}
-    args = ["--hf-path", str(source), "--mlx-path", str(target), "--force", "--dtype", "float32"]
-    child = subprocess.Popen(
-        [sys.executable, "-m", "mlx_smolvlm.convert", *args],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    deadline = time.monotonic() + 300
-    line = ""
-    while f"[paused at {pause}]" not in line:
-        line = child.stderr.readline()
-        assert line or child.poll() is None, f"convert ended before {pause}"
-        assert time.monotonic() < deadline
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-
-
 @pytest.mark.parametrize("pause, replaced", [("staged", False), ("swapped", True)])
 def test_sigkilled_conversion_leaves_old_or_new_model(
     source, old_model, inputs, source_logits, tmp_path, pause, replaced
 ):
     target = copy_of(old_model, tmp_path / "out")
     before = snapshot(target)
-    convert_killed_at(pause, source, target)
+    args = ["--hf-path", str(source), "--mlx-path", str(target), "--force", "--dtype", "float32"]
+    kill_at(pause, ["-m", "mlx_smolvlm.convert", *args])
     assert any(p.name.startswith(".out.") for p in tmp_path.iterdir())  # what the kill left
     if replaced:
         np.testing.assert_array_equal(logits(load_model(target), inputs), source_logits)

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,6 +12,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from faults import kill_at
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.tuner.lora import LoRALinear
 from PIL import Image
@@ -425,26 +421,6 @@ def test_fused_model_equals_base_plus_adapters(trained, checkpoint, processor, d
     assert result.exit_code != 0 and "--force" in result.output
 
 
-def fuse_killed_at(pause: str, args: list[str]) -> None:
-    """Run `python -m mlx_smolvlm.fuse ARGS` and SIGKILL it at `pause`."""
-    env = {**os.environ, "MLX_SMOLVLM_PAUSE_AT": pause}
-    child = subprocess.Popen(
-        [sys.executable, "-m", "mlx_smolvlm.fuse", *args],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    deadline = time.monotonic() + 300
-    line = ""
-    while f"[paused at {pause}]" not in line:
-        line = child.stderr.readline()
-        assert line or child.poll() is None, f"fuse ended before {pause}"
-        assert time.monotonic() < deadline
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-
-
 def listing(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
@@ -456,7 +432,7 @@ def test_sigkilled_fuse_leaves_old_or_new_model(trained, checkpoint, tmp_path, p
     shutil.copytree(checkpoint, target)  # an old model at the target
     old = listing(target)
     args = ["--model", str(checkpoint), "--adapter-path", str(adapters)]
-    fuse_killed_at(pause, [*args, "--save-path", str(target), "--force"])
+    kill_at(pause, ["-m", "mlx_smolvlm.fuse", *args, "--save-path", str(target), "--force"])
     assert any(p.name.startswith(".fused.") for p in tmp_path.iterdir())  # what the kill left
     reference = fuse_cli.fuse(checkpoint, adapters, tmp_path / "reference")
     assert listing(target) == (listing(reference) if pause == "swapped" else old)

@@ -6,15 +6,11 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from faults import kill_at
 
 from mlx_smolvlm.utils import atomic
 
@@ -123,25 +119,6 @@ with atomic.model_folder(Path(sys.argv[1]), force=True) as tmp:
 """
 
 
-def killed_at(pause: str, target: Path, mode: str = "exchange") -> None:
-    """Run a replacement of `target` in a child process and SIGKILL it at `pause`."""
-    env = {**os.environ, atomic.PAUSE_ENV: pause, "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(SCRIPT), str(target), mode],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    deadline = time.monotonic() + 120
-    line = ""
-    while f"[paused at {pause}]" not in line:
-        line = child.stderr.readline()
-        assert line or child.poll() is None, f"the child ended before {pause}"
-        assert time.monotonic() < deadline
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-
-
 @pytest.mark.parametrize(
     "pause, mode, expected",
     [
@@ -154,7 +131,7 @@ def killed_at(pause: str, target: Path, mode: str = "exchange") -> None:
 )
 def test_sigkill_leaves_the_old_or_the_new_model(tmp_path, pause, mode, expected):
     target = fake_model(tmp_path / "out", "old")
-    killed_at(pause, target, mode)
+    kill_at(pause, ["-c", SCRIPT, str(target), mode], {"PYTHONPATH": str(ROOT)})
     leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name != "out")
     assert leftovers and all(name.startswith(".out.") for name in leftovers)
     if expected is None:
