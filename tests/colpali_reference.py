@@ -11,9 +11,10 @@ ColIdefics3 to (tokenizer/processor files already there), "seed", "adapter": nul
 {"path", "r", "alpha", "target_modules", "seed"} (a PEFT LoRA adapter on that checkpoint,
 as the colSmol releases are), "images": [image paths], "queries": [strings]}.
 
-OUT.npz gets, for pages and queries, the processor's input_ids/attention_mask (and the
-pages' pixel_values/pixel_attention_mask), the model's padded embeddings, and
-`scores` = processor.score(query embeddings, page embeddings) on unpadded embeddings.
+OUT.npz gets the processor's page_* and query_* inputs (input_ids, attention_mask, and the
+pages' pixel_values, pixel_attention_mask) and, for each model ("base", and "adapter" when
+there is one), {model}_page_embeddings and {model}_query_embeddings (padded, as returned) and
+{model}_scores = processor.score(queries, pages) of the unpadded embeddings.
 """
 
 from __future__ import annotations
@@ -69,11 +70,14 @@ def write_checkpoint(spec: dict) -> None:
         peft_model.save_pretrained(adapter["path"])
 
 
-def load_model(spec: dict) -> torch.nn.Module:
-    model = ColIdefics3.from_pretrained(spec["checkpoint"], torch_dtype=torch.float32).eval()
+def load_models(spec: dict) -> dict[str, torch.nn.Module]:
+    """The checkpoint as saved, and with its adapter applied (unmerged) when there is one."""
+    base = ColIdefics3.from_pretrained(spec["checkpoint"], torch_dtype=torch.float32).eval()
+    models = {"base": base}
     if spec.get("adapter"):
-        model = PeftModel.from_pretrained(model, spec["adapter"]["path"]).eval()
-    return model
+        adapted = ColIdefics3.from_pretrained(spec["checkpoint"], torch_dtype=torch.float32)
+        models["adapter"] = PeftModel.from_pretrained(adapted, spec["adapter"]["path"]).eval()
+    return models
 
 
 def unpadded(embeddings: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
@@ -85,29 +89,26 @@ def main() -> None:
     out = Path(sys.argv[2])
     torch.manual_seed(0)
     write_checkpoint(spec)
-    model = load_model(spec)
+    models = load_models(spec)
     # transformers' PIL image backend: the one the project's processor follows (with torchvision
     # installed transformers 5 picks its torchvision backend, whose resizes round differently).
     processor = ColIdefics3Processor.from_pretrained(spec["checkpoint"], backend="pil")
-    arrays = {}
-    pages, queries = [], []
-    if spec.get("images"):
-        images = [Image.open(path) for path in spec["images"]]
-        batch = processor.process_images(images)
-        with torch.no_grad():
-            embeddings = model(**batch)
-        pages = unpadded(embeddings, batch["attention_mask"])
-        arrays.update({f"page_{k}": v.numpy() for k, v in batch.items()})
-        arrays["page_embeddings"] = embeddings.numpy()
-    if spec.get("queries"):
-        batch = processor.process_queries(spec["queries"])
-        with torch.no_grad():
-            embeddings = model(**batch)
-        queries = unpadded(embeddings, batch["attention_mask"])
-        arrays.update({f"query_{k}": v.numpy() for k, v in batch.items()})
-        arrays["query_embeddings"] = embeddings.numpy()
-    if pages and queries:
-        arrays["scores"] = processor.score(queries, pages, device="cpu").numpy()
+    images = [Image.open(path) for path in spec["images"]]
+    inputs = {
+        "page": processor.process_images(images),
+        "query": processor.process_queries(spec["queries"]),
+    }
+    arrays = {f"{kind}_{k}": v.numpy() for kind, batch in inputs.items() for k, v in batch.items()}
+    for name, model in models.items():
+        vectors = {}
+        for kind, batch in inputs.items():
+            with torch.no_grad():
+                embeddings = model(**batch)
+            arrays[f"{name}_{kind}_embeddings"] = embeddings.numpy()
+            vectors[kind] = unpadded(embeddings, batch["attention_mask"])
+        arrays[f"{name}_scores"] = processor.score(
+            vectors["query"], vectors["page"], device="cpu"
+        ).numpy()
     np.savez(out, **arrays)
 
 
