@@ -85,8 +85,8 @@ def main() -> None:
 )
 @click.option(
     "--index-dtype",
-    type=click.Choice(["float16", "float32"]),
-    default="float16",
+    type=click.Choice(["bfloat16", "float16", "float32"]),
+    default="bfloat16",
     show_default=True,
     help="Stored embedding precision.",
 )

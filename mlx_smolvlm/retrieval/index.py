@@ -3,7 +3,7 @@
 Layout of an index folder:
 
 - `index.json`: {"format": "mlx-smolvlm-retrieval-index", "version": 1, "model", "adapter",
-  "dim", "dtype", "dpi"}, written once when the index is created.
+  "dim", "dtype" (bfloat16, float16 or float32), "dpi"}, written once when the index is created.
 - `embeddings-NNNNN.safetensors`: one tensor `embeddings` (tokens, dim) holding the token
   embeddings of consecutive pages, row after row.
 - `manifest.jsonl`: one line per page, appended after its shard is complete:
@@ -17,18 +17,19 @@ trailing partial line and shards that no line names, and skips pages already lis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import struct
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from safetensors.numpy import save_file
 
 from .scoring import flatten, maxsim_flat, top_k
 from .sources import Page
@@ -40,10 +41,13 @@ MANIFEST = "manifest.jsonl"
 TENSOR = "embeddings"
 SHARD_NAME = "embeddings-{:05d}.safetensors"
 SHARD_PATTERN = re.compile(r"embeddings-(\d{5,})\.safetensors")
-DTYPES = {"float16": np.float16, "float32": np.float32}
-SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32}
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+# numpy has no bfloat16: its raw 16 bits are mapped and widened to float32 by MLX.
+SAFETENSORS_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
 # Identity of an index's embeddings: a resumed run must match these.
 IDENTITY_KEYS = ("model", "adapter", "dim", "dtype", "dpi")
+# Rows scored per task: 2 MiB of float32 at dim 128, which stays in a core's cache.
+CHUNK_TOKENS = 4096
 
 
 class IndexFormatError(ValueError):
@@ -167,7 +171,7 @@ class IndexWriter:
         numbers = [int(SHARD_PATTERN.fullmatch(name)[1]) for name in used]
         for file in self.dir.iterdir():  # leftovers of a killed run
             if (SHARD_PATTERN.fullmatch(file.name) and file.name not in used) or (
-                file.name.startswith(".") and file.name.endswith(".tmp")
+                file.name.startswith(".") and ".tmp" in file.name
             ):
                 file.unlink()
         self.next_shard = max(numbers, default=-1) + 1
@@ -194,8 +198,8 @@ class IndexWriter:
             return
         name = SHARD_NAME.format(self.next_shard)
         matrix = np.concatenate([array for _, array in self.pending])
-        tmp = self.dir / f".{name}.tmp"
-        save_file({TENSOR: matrix.astype(DTYPES[self.meta["dtype"]])}, str(tmp))
+        tmp = self.dir / f".{name}.tmp.safetensors"  # MLX keeps names that end so
+        mx.save_safetensors(str(tmp), {TENSOR: mx.array(matrix).astype(DTYPES[self.meta["dtype"]])})
         _fsync(tmp)
         os.replace(tmp, self.dir / name)
         lines, start = [], 0
@@ -255,31 +259,49 @@ class Index:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def scores(self, queries: Sequence[Any], chunk_tokens: int = 1 << 16) -> np.ndarray:
-        """MaxSim scores (queries, pages by id) against every page, a chunk of rows at a time."""
+    def scores(
+        self, queries: Sequence[Any], chunk_tokens: int = CHUNK_TOKENS, workers: int | None = None
+    ) -> np.ndarray:
+        """MaxSim scores (queries, pages by id) against every page, a chunk of rows at a time.
+
+        Chunks go to `workers` threads (default: the CPUs this process may use), each with a
+        single-threaded BLAS: coarse work per thread, where a multi-threaded BLAS would make
+        its threads wait for each other on every small product (ruinous on a busy machine).
+        """
         flat, query_starts = flatten(queries)
         if flat.shape[1] != self.meta["dim"]:
             raise ValueError(
                 f"queries have dimension {flat.shape[1]}; the index {self.meta['dim']}"
             )
-        query_matrix = mx.array(flat)
         out = np.zeros((len(queries), len(self.entries)), dtype=np.float32)
-        for matrix, ids, starts, lengths in self.shards:
-            for lo, hi in _chunks(lengths, chunk_tokens):
-                block = matrix[starts[lo] : starts[hi - 1] + lengths[hi - 1]]
-                page_starts = starts[lo:hi] - starts[lo]
-                out[:, ids[lo:hi]] = maxsim_flat(query_matrix, query_starts, block, page_starts)
+        tasks = [
+            (matrix, ids[lo:hi], starts[lo:hi], lengths[lo:hi])
+            for matrix, ids, starts, lengths in self.shards
+            for lo, hi in _chunks(lengths, chunk_tokens)
+        ]
+
+        def run(task: tuple) -> None:
+            matrix, ids, starts, lengths = task
+            block = as_float32(matrix[starts[0] : starts[-1] + lengths[-1]])
+            out[:, ids] = maxsim_flat(flat, query_starts, block, starts - starts[0])
+
+        with single_threaded_blas(), ThreadPoolExecutor(workers or available_cpus()) as pool:
+            list(pool.map(run, tasks))
         return out
 
     def search(
-        self, queries: Sequence[Any], k: int = 5, chunk_tokens: int = 1 << 16
+        self,
+        queries: Sequence[Any],
+        k: int = 5,
+        chunk_tokens: int = CHUNK_TOKENS,
+        workers: int | None = None,
     ) -> list[list[Hit]]:
         """The `k` best pages for each query's embeddings, best first."""
         if k < 1:
             raise ValueError(f"top-k must be at least 1, got {k}")
         if not self.entries:
             return [[] for _ in queries]
-        scores = self.scores(queries, chunk_tokens)
+        scores = self.scores(queries, chunk_tokens, workers)
         results = []
         for row, best in zip(scores, top_k(scores, k)):
             hits = []
@@ -288,6 +310,32 @@ class Index:
                 hits.append(Hit(rank, float(row[i]), entry["id"], entry["source"], entry["page"]))
             results.append(hits)
         return results
+
+
+def as_float32(rows: np.ndarray) -> np.ndarray:
+    """Shard rows as float32; bfloat16 is stored as raw uint16 bits, the high half of a float32."""
+    if rows.dtype == np.uint16:
+        wide = np.zeros(rows.shape + (2,), dtype=np.uint16)
+        wide[..., 1] = rows  # little-endian: the high 16 bits come second
+        return wide.view(np.float32).reshape(rows.shape)
+    return np.asarray(rows, dtype=np.float32)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def single_threaded_blas() -> Any:
+    """A context in which numpy's BLAS uses one thread (a no-op without threadpoolctl)."""
+    try:
+        from threadpoolctl import threadpool_limits  # optional: a dependency off macOS only
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 def _chunks(lengths: np.ndarray, budget: int) -> Iterable[tuple[int, int]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import mlx.core as mx
 import numpy as np
 
 
@@ -21,11 +20,19 @@ def flatten(items: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def maxsim_flat(
-    queries: mx.array, query_starts: np.ndarray, pages: Any, page_starts: np.ndarray
+    queries: np.ndarray, query_starts: np.ndarray, pages: np.ndarray, page_starts: np.ndarray
 ) -> np.ndarray:
-    """Scores (queries, pages) of flattened query and page token matrices."""
-    similarity = mx.matmul(mx.array(pages, dtype=mx.float32), queries.T)
-    best = np.maximum.reduceat(np.array(similarity), page_starts, axis=0)
+    """Scores (queries, pages) of flattened float32 query and page token matrices.
+
+    numpy's matmul: its bundled OpenBLAS picks kernels for this CPU, where the system
+    OpenBLAS that MLX's CPU backend loads may not (see the README's Retrieval section).
+    """
+    similarity = pages @ queries.T
+    lengths = np.diff(np.append(page_starts, pages.shape[0]))
+    if np.all(lengths == lengths[0]):  # pages of one size (the usual case): no segments
+        best = similarity.reshape(len(lengths), int(lengths[0]), -1).max(axis=1)
+    else:
+        best = np.maximum.reduceat(similarity, page_starts, axis=0)
     return np.add.reduceat(best, query_starts, axis=1).T
 
 
@@ -33,18 +40,17 @@ def score(queries: Sequence[Any], pages: Sequence[Any], batch_size: int = 128) -
     """MaxSim scores (len(queries), len(pages)) of per-token embeddings, `batch_size` pages at a time."""
     if not queries:
         raise ValueError("no queries to score")
-    flat, query_starts = flatten(queries)
-    query_matrix = mx.array(flat)
+    query_matrix, query_starts = flatten(queries)
     out = np.zeros((len(queries), len(pages)), dtype=np.float32)
     for start in range(0, len(pages), batch_size):
         chunk = pages[start : start + batch_size]
-        page_flat, page_starts = flatten(chunk)
-        if page_flat.shape[1] != flat.shape[1]:
+        page_matrix, page_starts = flatten(chunk)
+        if page_matrix.shape[1] != query_matrix.shape[1]:
             raise ValueError(
-                f"pages have dimension {page_flat.shape[1]}; queries have {flat.shape[1]}"
+                f"pages have dimension {page_matrix.shape[1]}; queries have {query_matrix.shape[1]}"
             )
         out[:, start : start + len(chunk)] = maxsim_flat(
-            query_matrix, query_starts, page_flat, page_starts
+            query_matrix, query_starts, page_matrix, page_starts
         )
     return out
 
