@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten
 from PIL import Image
 from reference import copy_tokenizer_files, tiny_config_for_real_tokenizer
 
+from mlx_smolvlm import Model
 from mlx_smolvlm.config import ModelConfig
 from mlx_smolvlm.retrieval import (
     ColIdefics3,
@@ -191,8 +192,10 @@ def test_convert_adapter_to_mlx_float_and_quantized(colpali, tmp_path):
         cosine = (np.array(query) * reference[i][mask[i]]).sum(-1)
         assert cosine.min() > 0.95, cosine  # quantized weights: close, not equal
 
-    with pytest.raises(FileExistsError, match="--force"):
-        convert_retriever(adapter, tmp_path / "mlx")
+    result = _cli("convert", "--model", adapter, "--mlx-path", str(tmp_path / "mlx"))
+    assert result.exit_code == 1 and "--force" in result.stderr
+    result = _cli("convert", "--model", adapter, "--mlx-path", str(tmp_path / "mlx"), "--force")
+    assert result.exit_code == 0 and (tmp_path / "mlx" / "model.safetensors").exists()
     with pytest.raises(ValueError, match="source checkpoint"):
         convert_retriever(colpali["spec"]["checkpoint"], colpali["spec"]["checkpoint"], force=True)
     assert (Path(colpali["spec"]["checkpoint"]) / "model.safetensors").exists()
@@ -391,6 +394,17 @@ def test_python_api_finds_the_planted_page(planted):
     np.testing.assert_allclose(np.diag(scores), 11.0, atol=1e-3)  # 1 word + 10 augmentation tokens
 
 
+def smolvlm_checkpoint(folder: Path) -> Path:
+    """A tiny random SmolVLM (a generator, not a retriever) with the real tokenizer."""
+    folder.mkdir()
+    copy_tokenizer_files(real_model_dir("SmolVLM-256M-Instruct"), folder)
+    config = tiny_config_for_real_tokenizer()
+    (folder / "config.json").write_text(json.dumps(config))
+    model = Model(ModelConfig.from_dict(config))
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    return folder
+
+
 def _cli(*args: str):
     return CliRunner().invoke(retrieve_main, list(args), catch_exceptions=False)
 
@@ -442,6 +456,8 @@ def test_cli_bad_inputs_are_one_line_errors(planted, tmp_path):
         (["index", str(tmp_path / "broken.png"), "--index", index, "--model", model], "broken.png"),
         (["index", str(root / "white.jpg"), "--index", index, "--model", str(tmp_path)],
          "config.json"),
+        (["index", str(root / "white.jpg"), "--index", str(tmp_path / "i2"), "--model",
+          str(smolvlm_checkpoint(tmp_path / "smolvlm"))], "no linear.weight"),
         (["search", str(tmp_path / "empty"), "query"], "not an index"),
         (["search", str(tmp_path / "nowhere"), "query"], "no such index folder"),
     ]  # fmt: skip
@@ -505,3 +521,23 @@ def test_index_resumes_after_sigkill_without_duplicates(planted, tmp_path):
     result = _cli("search", str(index), "yellow", "--json", "--top-k", "3")
     hits = json.loads(result.stdout)[0]["results"]
     assert sorted(hit["page"] for hit in hits) == [4, 8, 12]
+
+
+def test_example_retrieves_a_page_and_answers_about_it(planted, tmp_path, monkeypatch, capsys):
+    answerer = smolvlm_checkpoint(tmp_path / "smolvlm")
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import retrieve_and_answer
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    root = planted["root"]
+    argv = [
+        "retrieve_and_answer.py", "blue", str(root / "doc.pdf"), str(root / "white.jpg"),
+        "--index", str(tmp_path / "index"), "--retriever", str(planted["model"]),
+        "--model", str(answerer), "--max-tokens", "3",
+    ]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    retrieve_and_answer.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("Best page (") and lines[0].endswith("doc.pdf page 3")
+    assert len(lines) >= 2  # the answer (random weights: any text)

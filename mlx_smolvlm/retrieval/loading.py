@@ -30,8 +30,9 @@ _LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 
 
 def is_adapter(path: Path) -> bool:
-    """A PEFT adapter folder (adapter_config.json and no full config.json)."""
-    return (path / ADAPTER_CONFIG).exists() and not (path / "config.json").exists()
+    """A PEFT adapter folder: adapter_config.json and no weights but the adapter's."""
+    weights = {file.name for file in path.glob("*.safetensors")}
+    return (path / ADAPTER_CONFIG).exists() and weights <= {ADAPTER_WEIGHTS}
 
 
 def read_peft_config(adapter_path: Path) -> dict:
