@@ -23,7 +23,7 @@ from .retrieval.sources import DEFAULT_DPI
 
 DEFAULT_MODEL = "vidore/colSmol-256M"
 # Failures a user can cause (paths, files, settings); anything else is a bug and keeps its traceback.
-USER_ERRORS = (OSError, ValueError, TypeError, KeyError)
+USER_ERRORS = (OSError, ValueError)
 
 
 def run(action: Callable[[], Any], verbose: bool) -> Any:
@@ -74,7 +74,10 @@ def main() -> None:
 @model_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option(
-    "--dpi", type=click.FloatRange(min=1, max=1200), default=DEFAULT_DPI, show_default=True
+    "--dpi",
+    type=click.FloatRange(min=1, max=1200),
+    default=None,
+    help=f"PDF rendering resolution [default: {DEFAULT_DPI:g}, or the resumed index's].",
 )
 @click.option(
     "--shard-pages",
@@ -86,9 +89,8 @@ def main() -> None:
 @click.option(
     "--index-dtype",
     type=click.Choice(["bfloat16", "float16", "float32"]),
-    default="bfloat16",
-    show_default=True,
-    help="Stored embedding precision.",
+    default=None,
+    help="Stored embedding precision [default: bfloat16, or the resumed index's].",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks of errors.")
@@ -111,15 +113,15 @@ def index(
     def action() -> int:
         pages = collect_pages(inputs)
         previous = _previous_identity(index_dir)
-        name = model or previous.get("model") or DEFAULT_MODEL
-        adapter = adapter_path if model else adapter_path or previous.get("adapter")
+        name = _absolute(model or previous.get("model") or DEFAULT_MODEL)
+        adapter = _absolute(adapter_path if model else adapter_path or previous.get("adapter"))
         retriever, processor = load_retriever(name, adapter_path=adapter, base=base, dtype=dtype)
         identity = {
             "model": name,
             "adapter": adapter,
             "dim": retriever.dim,
-            "dtype": index_dtype,
-            "dpi": dpi,
+            "dtype": index_dtype or previous.get("dtype", "bfloat16"),
+            "dpi": dpi or previous.get("dpi", DEFAULT_DPI),
         }
         writer = build_index(
             retriever,
@@ -128,14 +130,14 @@ def index(
             index_dir,
             identity,
             batch_size,
-            dpi,
+            identity["dpi"],
             shard_pages,
             progress=not quiet,
         )
         return len(writer.entries)
 
     total = run(action, verbose)
-    click.echo(f"{index_dir}: {total} pages indexed", err=quiet)
+    click.echo(f"{index_dir}: {total} pages indexed")
 
 
 @main.command()
@@ -211,6 +213,13 @@ def convert(
         verbose,
     )
     click.echo(f"Wrote {out}")
+
+
+def _absolute(model: str | None) -> str | None:
+    """A local model path made absolute (an index may be resumed from elsewhere); Hub ids as given."""
+    if model is None or not Path(model).expanduser().exists():
+        return model
+    return str(Path(model).expanduser().resolve())
 
 
 def _previous_identity(index_dir: str) -> dict[str, Any]:

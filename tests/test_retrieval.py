@@ -485,6 +485,7 @@ def test_cli_bad_inputs_are_one_line_errors(planted, tmp_path):
         retrieve_main, ["index", str(root / "doc.pdf"), "--index", good, "--dpi", "100"]
     )
     assert result.exit_code == 1 and "dpi=144" in result.stderr
+    assert json.loads((tmp_path / "good" / "index.json").read_text())["model"] == model
 
 
 def test_index_resumes_after_sigkill_without_duplicates(planted, tmp_path):
