@@ -91,11 +91,11 @@ def load_colidefics3(
 
 def _module_name(model: ColIdefics3, hf_name: str) -> str:
     """This model's path of the module PEFT names `hf_name` (colpali-engine's naming)."""
-    probe = mx.zeros((1, 1))
-    (name,) = model.sanitize({f"{hf_name}.weight": probe}) or (None,)
-    if name is None:
+    # The weight-name mapping decides: rename a stand-in weight of that module.
+    renamed = list(model.sanitize({f"{hf_name}.weight": mx.zeros((1, 1))}))
+    if not renamed:
         raise ValueError(f"adapter module {hf_name} has no counterpart in the model")
-    return name[: -len(".weight")]
+    return renamed[0][: -len(".weight")]
 
 
 def apply_peft_adapter(model: ColIdefics3, adapter_path: str | Path) -> ColIdefics3:
