@@ -23,8 +23,7 @@ from mlx.utils import tree_flatten
 from PIL import Image
 from reference import copy_tokenizer_files, tiny_config_for_real_tokenizer
 
-from mlx_smolvlm import Model
-from mlx_smolvlm.config import ModelConfig
+from mlx_smolvlm import Model, ModelConfig
 from mlx_smolvlm.retrieval import (
     ColIdefics3,
     Index,
