@@ -10,16 +10,12 @@ import sys
 
 import click
 
-from .generate import (
-    DEFAULT_MODEL,
-    GenerationResult,
-    PromptCache,
-    image_kwargs_from_cli,
-    image_options,
-    load_images,
-    print_stats,
-    stream_generate,
-)
+from .backends.cpu import report
+from .generation import GenerationResult, PromptCache, stream_generate
+from .generation.generate import print_stats
+from .loading import load
+from .processing.image import load_images
+from .utils.options import image_kwargs, image_options, model_option, sampling_options
 
 HELP = "Commands: /image PATH (attach an image to your next message), /reset, /exit"
 
@@ -43,40 +39,26 @@ def user_message(text: str, images: list) -> dict:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--model", default=DEFAULT_MODEL, show_default=True, help="Hub repo id or local path."
-)
+@model_option()
 @click.option("--image", multiple=True, help="Image(s) for the first message; repeat for several.")
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--max-tokens", default=512, show_default=True, help="Most tokens per answer.")
-@click.option("--temperature", "--temp", default=0.0, show_default=True, help="0 is greedy.")
-@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling threshold.")
-@click.option("--seed", type=int, default=None, help="Random seed for reproducible sampling.")
+@sampling_options
 @click.option("--adapter-path", default=None, help="LoRA adapters to apply.")
 @image_options
-@click.option("--verbose/--quiet", default=False, show_default=True, help="Statistics per turn.")
-def main(
-    model,
-    image,
-    system,
-    max_tokens,
-    temperature,
-    top_p,
-    seed,
-    adapter_path,
-    resize_shape,
-    no_image_splitting,
-    longest_edge,
-    max_tiles,
-    no_upscale,
-    verbose,
-):
+@click.option(
+    "--verbose/--quiet",
+    default=False,
+    show_default=True,
+    help="Statistics per turn and the backend's choices.",
+)
+def main(model, image, system, max_tokens, adapter_path, resize_shape, verbose, **options):
     """Chat with a SmolVLM model about one or more images."""
-    from .loading import load
-
-    image_kwargs = image_kwargs_from_cli(
-        resize_shape, no_image_splitting, longest_edge, max_tiles, no_upscale
-    )
+    sampling = {
+        k: options.pop(k)
+        for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+    }
+    kwargs = image_kwargs(**options)
     try:
         pending = load_images(image, resize_shape)
         vlm, processor = load(model, adapter_path=adapter_path)
@@ -110,18 +92,17 @@ def main(
             processor,
             messages,
             max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
             system=system,
             prompt_cache=cache,
-            **image_kwargs,
+            **sampling,
+            **kwargs,
         ):
             reply.append(result.text)
             print(result.text, end="", flush=True)
         print(flush=True)
         if verbose:
             print_stats(result)
+            click.echo(report(vlm), err=True)
         messages.append(
             {"role": "assistant", "content": [{"type": "text", "text": "".join(reply)}]}
         )

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import glob
+import shutil
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from huggingface_hub import snapshot_download
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig
-from .config import load_config as read_config
-from .model import Model
+from .model import Model, ModelConfig
+from .model import load_config as read_config
+from .processing import Processor
+from .tuner.adapters import apply_adapters
 
 # Files a checkpoint needs: weights, configs, tokenizer and chat template.
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
+# Tokenizer, processor, chat template and generation files travel with converted weights.
+SIDE_FILE_PATTERNS = ("*.json", "*.txt", "*.jinja", "tokenizer.model")
+NOT_COPIED = {"config.json", "model.safetensors.index.json"}
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -30,8 +36,6 @@ def get_model_path(path_or_repo: str | Path, revision: str | None = None) -> Pat
     repo = str(path_or_repo)
     if repo.startswith((".", "/", "~")) or repo.count("/") != 1:
         raise FileNotFoundError(f"{repo} does not exist and is not a Hub repo id (owner/name)")
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=CHECKPOINT_PATTERNS))
     except Exception as e:
@@ -52,6 +56,23 @@ def load_weights(model_path: Path) -> dict[str, mx.array]:
         except Exception as e:
             raise ValueError(f"{file}: cannot read safetensors ({e}); is it truncated?") from e
     return weights
+
+
+def stored_dtype(raw: dict) -> str | None:
+    """The float dtype a config.json names (at the top or in text_config), if any."""
+    for section in (raw, raw.get("text_config") or {}):
+        for key in ("torch_dtype", "dtype"):
+            if section.get(key) in DTYPES:
+                return section[key]
+    return None
+
+
+def copy_side_files(source: Path, out: Path) -> None:
+    """Copy the tokenizer, processor, chat template and generation config files."""
+    for pattern in SIDE_FILE_PATTERNS:
+        for file in source.glob(pattern):
+            if file.is_file() and file.name not in NOT_COPIED:
+                shutil.copy2(file, out / file.name)
 
 
 def resolve_dtype(dtype: str | mx.Dtype | None, stored: str | None = None) -> mx.Dtype:
@@ -157,13 +178,9 @@ def load(
     **processor_kwargs: Any,
 ) -> tuple[Model, Any]:
     """Load a SmolVLM checkpoint (local dir or Hub id) and its processor: `(model, processor)`."""
-    from .processing import Processor
-
     model_path = get_model_path(path_or_repo, revision)
     model = load_model(model_path, dtype=dtype, lazy=True)
     if adapter_path is not None:
-        from .lora import apply_adapters
-
         apply_adapters(model, adapter_path)
     if not lazy:
         mx.eval(model.parameters())
