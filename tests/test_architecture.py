@@ -10,7 +10,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_smolvlm"
 # Optional dependencies, imported where they are used so that the package works without them.
-OPTIONAL = {"threadpoolctl", "matplotlib", "av", "torch"}
+OPTIONAL = {"threadpoolctl", "matplotlib", "av", "torch", "pypdfium2"}
 
 
 def module_name(path: Path) -> str:

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.utils import quantize_model
 
-from .backbone import load_config, staging, write_weights
+from .backbone import atomic, load_config
 from .loading import apply_peft_adapter, fuse_adapter, load_colidefics3, resolve_checkpoint
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -33,13 +34,9 @@ def convert_retriever(
 ) -> Path:
     """Load (base + adapter, fused), cast, quantize and write `mlx_path`; return it."""
     target = Path(mlx_path)
-    if target.exists() and not force:
-        raise FileExistsError(f"{target} exists; pass --force to replace it")
     weights_dir, adapter, processor_dir = resolve_checkpoint(model, adapter_path, base)
-    if target.resolve() in {weights_dir.resolve(), processor_dir.resolve()} or (
-        adapter is not None and target.resolve() == adapter.resolve()
-    ):
-        raise ValueError(f"{target} is the source checkpoint; choose another output folder")
+    for source in {processor_dir, adapter or weights_dir}:  # the weights' folder: model_folder
+        atomic.check_target(target, force, source, "--mlx-path")
     _, raw = load_config(weights_dir)
     dtype = dtype or raw.get("torch_dtype") or raw.get("dtype") or "float32"
     if dtype not in DTYPES:
@@ -58,8 +55,9 @@ def convert_retriever(
             retriever, {}, q_group_size, q_bits, quant_predicate=predicate
         )
         config["quantization"] = config["quantization_config"] = quantized["quantization"]
-    with staging(target, force) as tmp:
-        write_weights(tmp, retriever, 5 << 30)
+    with atomic.model_folder(target, force, weights_dir, option="--mlx-path") as tmp:
+        weights = dict(tree_flatten(retriever.parameters()))
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=4) + "\n")
         for pattern in SIDE_FILES:
             for file in processor_dir.glob(pattern):

@@ -17,6 +17,7 @@ from .backbone import (
     get_model_path,
     load_config,
     load_weights,
+    prepare,
     quantize_like,
     resolve_dtype,
 )
@@ -205,4 +206,5 @@ def load_retriever(
         if fuse:
             fuse_adapter(model)
     mx.eval(model.parameters())
+    model.model = prepare(model.model)  # the CPU backend's host kernels, where they apply
     return model, RetrievalProcessor.from_pretrained(processor_path)

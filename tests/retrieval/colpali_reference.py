@@ -1,7 +1,7 @@
 """colpali-engine's ColIdefics3 (torch) on random weights, run in a separate Python.
 
 colpali-engine needs torchvision (which does not import beside the test environment's
-torch), so tests/test_retrieval.py runs this script with $SMOLVLM_COLPALI_REF_PYTHON (an
+torch), so tests/retrieval/test_retrieval.py runs this script with $SMOLVLM_COLPALI_REF_PYTHON (an
 environment that .ci/run builds):
 
     python colpali_reference.py SPEC.json OUT.npz
