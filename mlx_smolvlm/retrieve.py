@@ -20,6 +20,7 @@ from .retrieval import (
 )
 from .retrieval.index import INDEX_FILE, read_metadata
 from .retrieval.sources import DEFAULT_DPI
+from .utils.options import dtype_option
 
 DEFAULT_MODEL = "vidore/colSmol-256M"
 # Failures a user can cause (paths, files, settings); anything else is a bug and keeps its traceback.
@@ -42,12 +43,7 @@ def run(action: Callable[[], Any], verbose: bool) -> Any:
 
 def model_options(function: Callable) -> Callable:
     """--model, --adapter-path, --base, --dtype shared by the commands."""
-    function = click.option(
-        "--dtype",
-        type=click.Choice(["float32", "float16", "bfloat16"]),
-        default=None,
-        help="Compute dtype (default: float32 on the CPU, else the checkpoint's).",
-    )(function)
+    function = dtype_option()(function)
     function = click.option(
         "--base", default=None, help="Base checkpoint of an adapter (default: the one it names)."
     )(function)

@@ -10,8 +10,8 @@ Layout of an index folder:
   {"id", "source", "page" (1-based PDF page, null for an image), "shard", "start", "tokens"};
   the page's embeddings are rows start .. start + tokens of its shard.
 
-A shard is written to a temporary name and renamed, then its lines are appended to the
-manifest in one write, so a killed run leaves whole shards and lines; a rerun drops a
+A shard is written to a temporary name and renamed (utils.atomic), then its lines are
+appended to the manifest in one write, so a killed run leaves whole shards and lines; a rerun drops a
 trailing partial line and shards that no line names, and skips pages already listed.
 """
 
@@ -31,6 +31,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from .backbone import atomic
 from .scoring import flatten, maxsim_flat, top_k
 from .sources import Page
 
@@ -165,7 +166,7 @@ class IndexWriter:
                 raise IndexFormatError(f"{self.dir} is a non-empty folder that is not an index")
             self.dir.mkdir(parents=True, exist_ok=True)
             self.meta = {"format": FORMAT, "version": VERSION, **identity}
-            _atomic_write(self.dir / INDEX_FILE, json.dumps(self.meta, indent=2) + "\n")
+            atomic.write_json(self.dir / INDEX_FILE, self.meta)
         self.entries = read_manifest(self.dir, repair=True)
         used = {entry["shard"] for entry in self.entries}
         numbers = [int(SHARD_PATTERN.fullmatch(name)[1]) for name in used]
@@ -198,10 +199,8 @@ class IndexWriter:
             return
         name = SHARD_NAME.format(self.next_shard)
         matrix = np.concatenate([array for _, array in self.pending])
-        tmp = self.dir / f".{name}.tmp.safetensors"  # MLX keeps names that end so
-        mx.save_safetensors(str(tmp), {TENSOR: mx.array(matrix).astype(DTYPES[self.meta["dtype"]])})
-        _fsync(tmp)
-        os.replace(tmp, self.dir / name)
+        stored = mx.array(matrix).astype(DTYPES[self.meta["dtype"]])
+        atomic.save_safetensors(self.dir / name, {TENSOR: stored})
         lines, start = [], 0
         for page, array in self.pending:
             entry = {
@@ -348,15 +347,3 @@ def _chunks(lengths: np.ndarray, budget: int) -> Iterable[tuple[int, int]]:
         total += int(length)
     if lo < len(lengths):
         yield lo, len(lengths)
-
-
-def _atomic_write(file: Path, text: str) -> None:
-    tmp = file.with_name(f".{file.name}.tmp")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, file)
-
-
-def _fsync(file: Path) -> None:
-    with open(file, "rb") as f:
-        os.fsync(f.fileno())
