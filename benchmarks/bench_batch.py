@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 import mlx_smolvlm  # noqa: F401  (loads the fast CPU BLAS before mlx)
-from mlx_smolvlm import load
-from mlx_smolvlm.batch import batch_generate
+from mlx_smolvlm import batch_generate, load
 
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[2] / "shared/models/SmolVLM-256M-Instruct"
 TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}

@@ -27,8 +27,8 @@ from PIL import Image, ImageDraw
 from reference import hf_logits, hf_model, hf_processor
 
 from mlx_smolvlm import load
-from mlx_smolvlm.config import ModelConfig
-from mlx_smolvlm.generate import generate, prepare_inputs
+from mlx_smolvlm.generation import generate, prepare_inputs
+from mlx_smolvlm.model.config import ModelConfig
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -242,7 +242,7 @@ def test_granite_docling_converts(granite, tmp_path):
 def test_granite_docling_loss_mask_ends_at_end_of_text(tmp_path):
     """LoRA on granite-docling: an answer's tokens run through <|end_of_text|>, not the "\\n"."""
     from mlx_smolvlm.processing import Processor
-    from mlx_smolvlm.trainer import encode_conversation
+    from mlx_smolvlm.tuner.datasets import encode_conversation
 
     name = "granite-docling-258M"
     checkpoint_files(name, tmp_path)

@@ -19,7 +19,7 @@ from reference import hf_processor, save_hf_checkpoint, tiny_config_for_real_tok
 
 import mlx_smolvlm
 from mlx_smolvlm import apply_chat_template, generate, load, load_config, stream_generate
-from mlx_smolvlm.generate import prepare_inputs
+from mlx_smolvlm.generation import prepare_inputs
 from mlx_smolvlm.processing import Processor
 
 transformers = pytest.importorskip("transformers")
@@ -344,8 +344,8 @@ def test_readme_snippets_run(heading, checkpoint, tmp_path, monkeypatch, capsys)
 def test_processor_call_options_follow_the_image_processor():
     import inspect
 
-    from mlx_smolvlm.image_processing import ImageProcessor
-    from mlx_smolvlm.processing import _IMAGE_CALL_OPTIONS
+    from mlx_smolvlm.processing.image import ImageProcessor
+    from mlx_smolvlm.processing.processor import _IMAGE_CALL_OPTIONS
 
     parameters = set(inspect.signature(ImageProcessor.__call__).parameters)
     assert _IMAGE_CALL_OPTIONS == parameters - {"self", "images"}
