@@ -22,9 +22,10 @@ from .utils.options import (
     model_option,
     sampling_options,
 )
+from .utils.validation import Command
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("source", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option(
     "--output", "-o", required=True, type=click.Path(path_type=Path), help="JSONL file to write."
