@@ -35,6 +35,7 @@ from .tuner.trainer import (
 from .tuner.trainer import learning_rate as learning_rate_schedule
 from .utils import distributed
 from .utils.options import dtype_option, image_kwargs, model_option, tiling_options
+from .utils.validation import MAX_SEED, Command, check_image_kwargs, check_int
 
 
 def run_training(
@@ -138,7 +139,7 @@ def run_training(
     return history
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @model_option(help="Hub repo id or local path (quantized: QLoRA).")
 @click.option(
     "--data",
@@ -286,6 +287,8 @@ def run_training(
 @tiling_options
 def main(**options: Any) -> None:
     """Fine-tune LoRA adapters for a SmolVLM model on image-text conversations."""
+    check_int("seed", options["seed"], 0, MAX_SEED)
+    check_image_kwargs(image_kwargs(**options))
     try:
         run_training(**options)
     except (TrainingError, AdapterError, FileNotFoundError, ValueError) as e:

@@ -395,7 +395,7 @@ def train(
 
 def plot_loss_curve(history: list[dict], file: Path) -> None:
     """Training and validation loss against the step, as a PNG (skipped without matplotlib)."""
-    try:
+    try:  # optional dependency: the [train] extra
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
