@@ -16,18 +16,36 @@ from .generation.generate import print_stats
 from .loading import load
 from .processing.image import load_images
 from .utils.options import image_kwargs, image_options, model_option, sampling_options
+from .utils.validation import (
+    Command,
+    check_image_kwargs,
+    check_resize_shape,
+    check_sampling,
+    check_text,
+    print_error,
+)
 
 HELP = "Commands: /image PATH (attach an image to your next message), /reset, /exit"
 
 
 def read_lines():
-    """Lines from a pipe, or from the terminal with a prompt until Ctrl-D."""
+    """Lines from a pipe, or from the terminal with a prompt until Ctrl-D.
+
+    A line that is not valid UTF-8 comes out as the `UnicodeDecodeError` it raised, so that
+    the chat can report it and go on.
+    """
     if not sys.stdin.isatty():
-        yield from sys.stdin
+        for raw in sys.stdin.buffer:
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield e
         return
     while True:
         try:
             yield input(">> ")
+        except UnicodeDecodeError as e:
+            yield e
         except EOFError:
             return
 
@@ -38,7 +56,7 @@ def user_message(text: str, images: list) -> dict:
     return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @model_option()
 @click.option("--image", multiple=True, help="Image(s) for the first message; repeat for several.")
 @click.option("--system", default=None, help="System prompt.")
@@ -59,6 +77,11 @@ def main(model, image, system, max_tokens, adapter_path, resize_shape, verbose, 
         for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
     }
     kwargs = image_kwargs(**options)
+    check_sampling(max_tokens, **sampling)
+    check_image_kwargs(kwargs)
+    check_resize_shape(resize_shape)
+    if system is not None:
+        check_text("system", system)
     try:
         pending = load_images(image, resize_shape)
         vlm, processor = load(model, adapter_path=adapter_path)
@@ -67,7 +90,11 @@ def main(model, image, system, max_tokens, adapter_path, resize_shape, verbose, 
     messages: list[dict] = []
     cache = PromptCache(vlm)
     print(HELP, flush=True)
-    for line in read_lines():
+    for number, line in enumerate(read_lines(), start=1):
+        if isinstance(line, UnicodeDecodeError):
+            byte = line.object[line.start]
+            print_error(f"line {number} is not valid UTF-8 (byte {byte:#04x}); ignored")
+            continue
         line = line.strip()
         if not line:
             continue
@@ -82,23 +109,33 @@ def main(model, image, system, max_tokens, adapter_path, resize_shape, verbose, 
                 pending += load_images((line[len("/image") :].strip(),), resize_shape)
                 print(f"[{len(pending)} image(s) attached to your next message]", flush=True)
             except (FileNotFoundError, ValueError, OSError) as e:
-                print(f"Error: {e}", flush=True)
+                print_error(str(e))
             continue
-        messages.append(user_message(line, pending))
-        pending = []
+        turn = [*messages, user_message(line, pending)]
         reply, result = [], GenerationResult()
-        for result in stream_generate(
-            vlm,
-            processor,
-            messages,
-            max_tokens=max_tokens,
-            system=system,
-            prompt_cache=cache,
-            **sampling,
-            **kwargs,
-        ):
-            reply.append(result.text)
-            print(result.text, end="", flush=True)
+        try:
+            check_text("message", line)
+            for result in stream_generate(
+                vlm,
+                processor,
+                turn,
+                max_tokens=max_tokens,
+                system=system,
+                prompt_cache=cache,
+                **sampling,
+                **kwargs,
+            ):
+                if result.notice and not reply:
+                    print(f"[{result.notice}]", file=sys.stderr, flush=True)
+                reply.append(result.text)
+                print(result.text, end="", flush=True)
+        except (ValueError, OSError) as e:
+            if reply:
+                print(flush=True)
+            # The message is dropped (its images stay attached) and the chat goes on.
+            print_error(f"{e}; message ignored (/reset starts over)")
+            continue
+        messages, pending = turn, []
         print(flush=True)
         if verbose:
             print_stats(result)

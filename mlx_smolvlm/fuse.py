@@ -20,6 +20,7 @@ from .model import load_config
 from .tuner.adapters import AdapterError, apply_adapters, fuse_lora
 from .utils import atomic
 from .utils.options import dtype_option
+from .utils.validation import Command
 
 
 def output_config(raw: dict, dtype: str, dequantize: bool) -> dict:
@@ -66,7 +67,7 @@ def fuse(
     return target
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", required=True, help="The base model the adapters were trained on.")
 @click.option(
     "--adapter-path",
