@@ -31,6 +31,7 @@ import ctypes.util
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -407,6 +408,8 @@ def main() -> None:
         print(json.dumps({**report, "rss_gb": rss_gb()}))
         return
 
+    # A terminated benchmark still stops its background jobs (the `finally` of run_worker).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint = (
         build_checkpoint(args.model, args.out / "checkpoint")
