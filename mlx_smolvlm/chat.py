@@ -1,38 +1,84 @@
 """`python -m mlx_smolvlm.chat`: a multi-turn conversation about images in the terminal.
 
 The KV cache of earlier turns is kept, so each turn prefills only its new tokens and each
-image is encoded once.
+image is encoded once. In a terminal the prompt has line editing and history (readline);
+Ctrl-C during an answer stops it and keeps the conversation, the part of the answer shown
+so far included; Ctrl-C at the prompt clears the line; Ctrl-D or /exit leaves.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import click
 
 from .generate import (
-    DEFAULT_MODEL,
     GenerationResult,
     PromptCache,
     image_kwargs_from_cli,
     image_options,
     load_images,
+    model_options,
     print_stats,
+    sampling_kwargs,
+    sampling_options,
     stream_generate,
+    terminal_progress,
 )
 
-HELP = "Commands: /image PATH (attach an image to your next message), /reset, /exit"
+PROMPT = ">> "
+COMMANDS = {
+    "/image PATH": "attach an image to your next message (repeat for several)",
+    "/reset": "forget the conversation and the attached images",
+    "/help": "list these commands",
+    "/exit": "leave (Ctrl-D too)",
+}
+HELP = "Commands:\n" + "\n".join(f"  {name:12} {what}" for name, what in COMMANDS.items())
+HELP += "\n  Ctrl-C stops an answer; a line starting with // sends the rest of it with one /."
 
 
-def read_lines():
-    """Lines from a pipe, or from the terminal with a prompt until Ctrl-D."""
+def setup_readline(history_file: Path | None) -> None:
+    """Line editing and history at the prompt, read from and saved to `history_file` if given."""
+    try:
+        import readline  # optional: absent on some platforms (Windows)
+    except ImportError:
+        return
+    if history_file is None:
+        return
+    import atexit
+
+    try:
+        readline.read_history_file(history_file)
+    except (FileNotFoundError, OSError):
+        pass
+    readline.set_history_length(1000)
+    atexit.register(_save_history, readline, history_file)
+
+
+def _save_history(readline, history_file: Path) -> None:
+    """Write the prompt history, silently skipping an unwritable file."""
+    try:
+        readline.write_history_file(history_file)
+    except OSError:
+        pass
+
+
+def read_lines() -> Iterator[str]:
+    """Lines from a pipe, or from the terminal with a prompt until Ctrl-D (Ctrl-C clears)."""
     if not sys.stdin.isatty():
         yield from sys.stdin
         return
     while True:
         try:
-            yield input(">> ")
+            yield input(PROMPT)
+        except KeyboardInterrupt:
+            print(flush=True)  # the typed line is dropped; a fresh prompt follows
         except EOFError:
+            print(flush=True)  # leave the shell's prompt on a line of its own
             return
 
 
@@ -42,89 +88,148 @@ def user_message(text: str, images: list) -> dict:
     return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
 
 
+def assistant_message(text: str) -> dict:
+    """An assistant turn holding `text`."""
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+class CtrlC:
+    """A SIGINT handler that raises KeyboardInterrupt and remembers that it did: a native
+    library that swallows the exception cannot hide the key press from the token loop."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+
+def answer(vlm, processor, messages: list[dict], **kwargs) -> tuple[str, GenerationResult, bool]:
+    """Stream the answer to `messages`; (text, last result, whether Ctrl-C stopped it)."""
+    reply, result = [], GenerationResult()
+    steps = stream_generate(vlm, processor, messages, **kwargs)
+    ctrl_c = CtrlC()
+    previous = signal.signal(signal.SIGINT, ctrl_c)
+    try:
+        for result in steps:
+            reply.append(result.text)
+            print(result.text, end="", flush=True)
+            if ctrl_c.pressed:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        steps.close()
+        progress = kwargs.get("progress")
+        if progress is not None:
+            progress.clear()
+        print(" [stopped]", flush=True)
+        return "".join(reply), result, True
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print(flush=True)
+    return "".join(reply), result, False
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--model", default=DEFAULT_MODEL, show_default=True, help="Hub repo id or local path."
-)
+@model_options
 @click.option("--image", multiple=True, help="Image(s) for the first message; repeat for several.")
 @click.option("--system", default=None, help="System prompt.")
-@click.option("--max-tokens", default=512, show_default=True, help="Most tokens per answer.")
-@click.option("--temperature", "--temp", default=0.0, show_default=True, help="0 is greedy.")
-@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling threshold.")
-@click.option("--seed", type=int, default=None, help="Random seed for reproducible sampling.")
-@click.option("--adapter-path", default=None, help="LoRA adapters to apply.")
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="Most tokens per answer.",
+)
+@sampling_options
 @image_options
-@click.option("--verbose/--quiet", default=False, show_default=True, help="Statistics per turn.")
+@click.option(
+    "--history-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Keep the prompt's line history in this file across sessions.",
+)
+@click.option(
+    "--verbose/--quiet",
+    default=None,
+    help="Statistics after each answer / no progress lines either [default: progress only].",
+)
 def main(
     model,
+    adapter_path,
+    dtype,
     image,
     system,
     max_tokens,
-    temperature,
-    top_p,
-    seed,
-    adapter_path,
     resize_shape,
-    no_image_splitting,
+    image_splitting,
     longest_edge,
     max_tiles,
     no_upscale,
+    history_file,
     verbose,
+    **sampling,
 ):
     """Chat with a SmolVLM model about one or more images."""
     from .loading import load
 
-    image_kwargs = image_kwargs_from_cli(
-        resize_shape, no_image_splitting, longest_edge, max_tiles, no_upscale
-    )
+    options = {
+        "max_tokens": max_tokens,
+        "system": system,
+        "progress": terminal_progress(verbose is not False),
+        **image_kwargs_from_cli(resize_shape, image_splitting, longest_edge, max_tiles, no_upscale),
+        **sampling_kwargs(**sampling),
+    }
+    max_kv_size = options.pop("max_kv_size")
     try:
         pending = load_images(image, resize_shape)
-        vlm, processor = load(model, adapter_path=adapter_path)
+        vlm, processor = load(model, adapter_path=adapter_path, dtype=dtype)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e
+    setup_readline(history_file)
     messages: list[dict] = []
-    cache = PromptCache(vlm)
-    print(HELP, flush=True)
+    cache = PromptCache(vlm, max_kv_size)
+    print("Type a message, or /help for the commands.", flush=True)
     for line in read_lines():
         line = line.strip()
         if not line:
             continue
-        if line == "/exit":
+        command, _, argument = line.partition(" ")
+        if line.startswith("//"):
+            line = line[1:]
+        elif command in ("/exit", "/quit"):
             break
-        if line == "/reset":
-            messages, pending, cache = [], [], PromptCache(vlm)
+        elif command == "/help":
+            print(HELP, flush=True)
+            continue
+        elif command == "/reset":
+            messages, pending, cache = [], [], PromptCache(vlm, max_kv_size)
             print("[conversation cleared]", flush=True)
             continue
-        if line.startswith("/image"):
+        elif command == "/image":
+            if not argument.strip():
+                print("Usage: /image PATH (an image file or URL for your next message)", flush=True)
+                continue
             try:
-                pending += load_images((line[len("/image") :].strip(),), resize_shape)
+                pending += load_images((argument.strip(),), resize_shape)
                 print(f"[{len(pending)} image(s) attached to your next message]", flush=True)
             except (FileNotFoundError, ValueError, OSError) as e:
                 print(f"Error: {e}", flush=True)
             continue
+        elif line.startswith("/"):
+            print(f"Unknown command {command}: /help lists the commands.", flush=True)
+            continue
         messages.append(user_message(line, pending))
         pending = []
-        reply, result = [], GenerationResult()
-        for result in stream_generate(
-            vlm,
-            processor,
-            messages,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            system=system,
-            prompt_cache=cache,
-            **image_kwargs,
-        ):
-            reply.append(result.text)
-            print(result.text, end="", flush=True)
-        print(flush=True)
-        if verbose:
+        try:
+            text, result, stopped = answer(vlm, processor, messages, prompt_cache=cache, **options)
+        except ValueError as e:  # e.g. an image the processor cannot take
+            messages.pop()
+            print(f"Error: {e}", flush=True)
+            continue
+        messages.append(assistant_message(text))
+        if verbose and not stopped:
             print_stats(result)
-        messages.append(
-            {"role": "assistant", "content": [{"type": "text", "text": "".join(reply)}]}
-        )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -66,6 +67,13 @@ def convert(
     model, raw, dtype = read_model(source, dtype, quantize, dequantize)
     quantization = raw.get("quantization") or raw.get("quantization_config")
     if quantize:
+        if quantize_vision and not mx.metal.is_available():
+            print(
+                "Warning: --quantize-vision: on MLX's CPU backend (no Metal here) quantized "
+                "vision layers make image encoding ~50x slower than float ones; quantize only "
+                "the language model (the default) for CPU use",
+                file=sys.stderr,
+            )
         quantization = quantize_model(model, q_group_size, q_bits, quantize_vision)
     elif dequantize:
         dequantize_model(model)
@@ -315,11 +323,11 @@ pipeline_tag: image-text-to-text
 Converted to MLX ({form}) from `{hf_path}` with mlx-smolvlm {__version__}.
 
 ```python
-from mlx_smolvlm import load
-from mlx_smolvlm.generate import generate
+from mlx_smolvlm import generate, load
 
 model, processor = load("path/to/this/model")
-print(generate(model, processor, "Describe the image.", image=["image.jpg"], max_tokens=128))
+result = generate(model, processor, "Describe the image.", image="image.jpg", max_tokens=128)
+print(result.text)
 ```
 """
     (out / "README.md").write_text(card)

@@ -83,4 +83,15 @@ def enable_fast_blas() -> str | None:
                 file=sys.stderr,
             )
         return loaded
+    if os.environ.get("MLX_SMOLVLM_QUIET") != "1":
+        problem = (
+            f"MLX_SMOLVLM_BLAS={choice} cannot be loaded (no such library?)"
+            if choice and choice not in ("1", "auto")
+            else "no optimized BLAS found"
+        )
+        print(
+            f"[mlx-smolvlm] warning: {problem}: MLX's CPU matrix products stay ~30x slower "
+            "(apt-get install libopenblas0-pthread; MLX_SMOLVLM_BLAS=0 silences this)",
+            file=sys.stderr,
+        )
     return None

@@ -24,7 +24,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.utils import dequantize_model
 
 from .config import load_config
-from .loading import DTYPES, get_model_path, load_model
+from .loading import DTYPES, get_model_path, load_model, resolve_model
 from .lora import AdapterError, apply_adapters
 
 # Tokenizer, processor, chat template and generation files travel with the weights.
@@ -64,17 +64,22 @@ def output_config(raw: dict, dtype: str, dequantize: bool) -> dict:
 
 
 def fuse(
-    model: str | Path,
+    model: str | Path | None,
     adapter_path: str | Path,
     save_path: str | Path,
     dequantize: bool = False,
     dtype: str | None = None,
     force: bool = False,
 ) -> Path:
-    """Write base model + adapters as one checkpoint at `save_path`; return its path."""
+    """Write base model + adapters as one checkpoint at `save_path`; return its path.
+
+    `model` defaults to the adapters' recorded base; the image settings the adapters were
+    trained with become the output's preprocessor defaults.
+    """
     target = Path(save_path).expanduser()
     if target.exists() and not force:
         raise FileExistsError(f"--save-path {target} already exists; pass --force to replace it")
+    model, settings = resolve_model(model, adapter_path)
     source = get_model_path(model)
     _, raw = load_config(source)
     if dequantize and not (raw.get("quantization") or raw.get("quantization_config")):
@@ -94,7 +99,24 @@ def fuse(
         config = output_config(raw, dtype, dequantize)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_side_files(source, tmp)
+        write_image_settings(tmp / "preprocessor_config.json", settings)
     return target
+
+
+def write_image_settings(file: Path, settings: dict) -> None:
+    """Record an adapter's training image settings as the preprocessor config's defaults."""
+    if not settings or not file.exists():
+        return
+    config = json.loads(file.read_text())
+    if "do_image_splitting" in settings:
+        config["do_image_splitting"] = bool(settings["do_image_splitting"])
+    if settings.get("longest_edge") is not None:
+        config["size"] = {"longest_edge": int(settings["longest_edge"])}
+    for key in ("max_tiles", "upscale"):
+        if settings.get(key) is not None:
+            config[key] = settings[key]
+    file.unlink()  # the copy may be read-only, as the source was
+    file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 @contextmanager
@@ -126,7 +148,11 @@ def copy_side_files(source: Path, out: Path) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", required=True, help="The base model the adapters were trained on.")
+@click.option(
+    "--model",
+    default=None,
+    help="The base model [default: the one recorded in the adapters' adapter_config.json].",
+)
 @click.option(
     "--adapter-path",
     required=True,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import click
@@ -24,6 +25,9 @@ from .cpu_kernels import host_kernels
 from .model import Model
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
+MODEL_HELP = (
+    f"Hub repo id or local path [default: the base model of --adapter-path, else {DEFAULT_MODEL}]."
+)
 IMAGE_TYPES = ("image", "image_url")
 
 
@@ -68,9 +72,10 @@ class PromptCache:
         # Never split an image's block of <image> tokens between cache and new input.
         while common > 0 and ids[common] == image_token_id and ids[common - 1] == image_token_id:
             common -= 1
-        if self.cache is not None and common < len(self.tokens):
+        # The cache may hold more than `tokens` when a generation was stopped midway.
+        if self.cache is not None and self.cache[0].offset > common:
             for c in self.cache:
-                c.trim(len(self.tokens) - common)
+                c.trim(c.offset - common)
         self.tokens = self.tokens[:common]
         return common
 
@@ -225,13 +230,17 @@ def stream_generate(
     prefill_step_size: int = 512,
     vision_chunk_size: int = 2,  # tiles encoded at once: bounds the attention scores in memory
     video: Any = None,
+    progress: Callable[[str, int, int], None] | None = None,
     **image_kwargs: Any,
 ) -> Iterator[GenerationResult]:
     """Yield a `GenerationResult` per generated token (`text` holds the new text segment).
 
     `video` adds a video (SmolVLM2); `fps` and `max_frames` in `image_kwargs` override the
-    checkpoint's frame sampling.
+    checkpoint's frame sampling. `progress(stage, done, total)` hears how the prompt goes:
+    stage "tiles" (image tiles encoded) then "prefill" (prompt tokens in the KV cache).
     """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
     if seed is not None:
         mx.random.seed(seed)
     if kv_bits is not None and max_kv_size is not None:
@@ -254,12 +263,13 @@ def stream_generate(
     if "pixel_values" in inputs and config.image_token_id in new_ids:
         # Tiles whose <image> tokens are already in the cache are not encoded again.
         first = ids[:reused].count(config.image_token_id) // config.image_seq_len
-        with host_kernels():
-            features = model.get_image_features(
-                inputs["pixel_values"][:, first:],
-                inputs["pixel_attention_mask"][:, first:],
-                chunk_size=vision_chunk_size,
-            )
+        features = encode_tiles(
+            model,
+            inputs["pixel_values"][:, first:],
+            inputs["pixel_attention_mask"][:, first:],
+            vision_chunk_size,
+            progress,
+        )
     embeddings = model.embed([new_ids], image_features=features)[0]
 
     sampler = make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
@@ -280,6 +290,7 @@ def stream_generate(
             kv_group_size=kv_group_size,
             quantized_kv_start=0,
             input_embeddings=embeddings,
+            prompt_progress_callback=progress and partial(progress, "prefill"),
         )
     )
     result = GenerationResult(prompt_tokens=len(new_ids))
@@ -309,6 +320,32 @@ def stream_generate(
     fed = new_ids + result.token_ids + ([result.token] if result.finish_reason == "stop" else [])
     prompt_cache.tokens = (prompt_cache.tokens + fed)[: cache[0].offset]
     yield result
+
+
+def encode_tiles(
+    model: Model,
+    pixel_values: Any,
+    pixel_attention_mask: Any,
+    chunk_size: int,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> mx.array:
+    """Image features of the prompt's tiles, `chunk_size` tiles at a time, reporting each."""
+    if progress is None:
+        with host_kernels():
+            return model.get_image_features(pixel_values, pixel_attention_mask, chunk_size)
+    total = pixel_values.shape[1]
+    parts = []
+    for start in range(0, total, chunk_size):
+        with host_kernels():
+            part = model.get_image_features(
+                pixel_values[:, start : start + chunk_size],
+                pixel_attention_mask[:, start : start + chunk_size],
+                chunk_size,
+            )
+        if part.size:  # a chunk of padding tiles has no features
+            parts.append(part)
+        progress("tiles", min(start + chunk_size, total), total)
+    return mx.concatenate(parts)
 
 
 def with_host_kernels(steps: Iterator[Any]) -> Iterator[Any]:
@@ -353,9 +390,60 @@ def print_stats(result: GenerationResult) -> None:
     print(f"Peak memory: {result.peak_memory:.3f} GB")
 
 
+def _apply(f, options: list) -> Any:
+    """Decorate `f` with click options, listed in the order --help shows them."""
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def model_options(f):
+    """--model, --adapter-path and --dtype, shared by the generate and chat commands."""
+    return _apply(f, [
+        click.option("--model", default=None, help=MODEL_HELP),
+        click.option(
+            "--adapter-path",
+            default=None,
+            help="LoRA adapters to apply (from mlx_smolvlm.lora); their base model and image "
+            "settings are the defaults.",
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["float32", "float16", "bfloat16"]),
+            default=None,
+            help="Compute dtype (default: float32 on the CPU backend, the checkpoint's on Metal).",
+        ),
+    ])  # fmt: skip
+
+
+def sampling_options(f):
+    """Sampling and KV-cache options, shared by the generate and chat commands."""
+    return _apply(f, [
+        click.option("--temperature", "--temp", default=0.0, show_default=True, help="0 is greedy."),
+        click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling threshold."),
+        click.option("--top-k", default=0, show_default=True, help="Sample from the k likeliest (0: off)."),
+        click.option("--min-p", default=0.0, show_default=True, help="Minimum relative probability."),
+        click.option("--repetition-penalty", type=float, default=None, help="e.g. 1.1; off by default."),
+        click.option("--seed", type=int, default=None, help="Random seed for reproducible sampling."),
+        click.option("--kv-bits", type=click.Choice(["4", "8"]), default=None, help="Quantize the KV cache."),
+        click.option("--max-kv-size", type=int, default=None, help="Bound the KV cache (images kept)."),
+    ])  # fmt: skip
+
+
+def sampling_kwargs(
+    temperature, top_p, top_k, min_p, repetition_penalty, seed, kv_bits, max_kv_size
+) -> dict[str, Any]:
+    """`stream_generate` keyword arguments for the sampling options given on the command line."""
+    return {
+        "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
+        "repetition_penalty": repetition_penalty, "seed": seed,
+        "kv_bits": int(kv_bits) if kv_bits else None, "max_kv_size": max_kv_size,
+    }  # fmt: skip
+
+
 def image_options(f):
     """The processor's image options, shared by the generate and chat commands."""
-    options = [
+    return _apply(f, [
         click.option(
             "--resize-shape",
             type=int,
@@ -364,9 +452,10 @@ def image_options(f):
             help="Resize every input image to HEIGHT WIDTH before processing.",
         ),
         click.option(
-            "--no-image-splitting",
-            is_flag=True,
-            help="Encode each image as one tile (fewer tokens, less detail).",
+            "--image-splitting/--no-image-splitting",
+            default=None,
+            help="Cut images into tiles plus a global view (the checkpoint's or the adapters' "
+            "setting by default), or encode each image as one tile (fewer tokens, less detail).",
         ),
         click.option(
             "--longest-edge",
@@ -385,17 +474,14 @@ def image_options(f):
             is_flag=True,
             help="Do not upscale images smaller than the longest edge.",
         ),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    ])  # fmt: skip
 
 
-def image_kwargs_from_cli(resize_shape, no_image_splitting, longest_edge, max_tiles, no_upscale):
+def image_kwargs_from_cli(resize_shape, image_splitting, longest_edge, max_tiles, no_upscale):
     """Processor keyword arguments for the image options given on the command line."""
     kwargs: dict[str, Any] = {}
-    if no_image_splitting:
-        kwargs["do_image_splitting"] = False
+    if image_splitting is not None:
+        kwargs["do_image_splitting"] = image_splitting
     if longest_edge is not None:
         kwargs["longest_edge"] = longest_edge
     if max_tiles is not None:
@@ -418,10 +504,38 @@ def load_images(paths: tuple[str, ...], resize_shape: tuple[int, int] | None) ->
     return images
 
 
+class TerminalProgress:
+    """Image tiles encoded and prompt tokens prefilled, on one self-erasing line of stderr."""
+
+    LABELS = {"tiles": "encoding image tiles", "prefill": "prefilling prompt tokens"}
+
+    def __init__(self, stream: Any = None):
+        self.stream = stream or sys.stderr
+        self.shown = False
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage == "prefill" and done >= total:
+            self.clear()  # the answer starts on a clean line
+            return
+        self.stream.write(f"\r\033[K[{self.LABELS[stage]} {done}/{total}]")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        """Erase the progress line."""
+        if self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.shown = False
+
+
+def terminal_progress(enabled: bool) -> TerminalProgress | None:
+    """A progress reporter when `enabled` and stderr is a terminal, else None."""
+    return TerminalProgress() if enabled and sys.stderr.isatty() else None
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--model", default=DEFAULT_MODEL, show_default=True, help="Hub repo id or local path."
-)
+@model_options
 @click.option("--image", multiple=True, help="Image path or URL; repeat for several images.")
 @click.option("--video", default=None, help="Video file (mp4, mov, webm, gif...); needs PyAV.")
 @click.option("--fps", type=float, default=None, help="Video frames sampled per second [1].")
@@ -430,32 +544,25 @@ def load_images(paths: tuple[str, ...], resize_shape: tuple[int, int] | None) ->
     "--prompt", default=None, help="The question [Describe this image. / Describe this video.]"
 )
 @click.option("--system", default=None, help="System prompt.")
-@click.option("--max-tokens", default=256, show_default=True, help="Most tokens to generate.")
-@click.option("--temperature", "--temp", default=0.0, show_default=True, help="0 is greedy.")
-@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling threshold.")
-@click.option("--top-k", default=0, show_default=True, help="Sample from the k likeliest (0: off).")
-@click.option("--min-p", default=0.0, show_default=True, help="Minimum relative probability.")
-@click.option("--repetition-penalty", type=float, default=None, help="e.g. 1.1; off by default.")
-@click.option("--seed", type=int, default=None, help="Random seed for reproducible sampling.")
 @click.option(
-    "--adapter-path", default=None, help="LoRA adapters to apply (from mlx_smolvlm.lora)."
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Most tokens to generate.",
 )
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
-    default=None,
-    help="Compute dtype (default: float32 on the CPU backend, the checkpoint's on Metal).",
-)
+@sampling_options
 @image_options
 @click.option(
-    "--kv-bits", type=click.Choice(["4", "8"]), default=None, help="Quantize the KV cache."
-)
-@click.option("--max-kv-size", type=int, default=None, help="Bound the KV cache (images kept).")
-@click.option(
-    "--verbose/--quiet", default=True, show_default=True, help="Print statistics at the end."
+    "--verbose/--quiet",
+    default=True,
+    show_default=True,
+    help="Progress of long prompts on the terminal and statistics at the end.",
 )
 def main(
     model,
+    adapter_path,
+    dtype,
     image,
     video,
     fps,
@@ -463,22 +570,13 @@ def main(
     prompt,
     system,
     max_tokens,
-    temperature,
-    top_p,
-    top_k,
-    min_p,
-    repetition_penalty,
-    seed,
-    adapter_path,
-    dtype,
     resize_shape,
-    no_image_splitting,
+    image_splitting,
     longest_edge,
     max_tiles,
     no_upscale,
-    kv_bits,
-    max_kv_size,
     verbose,
+    **sampling,
 ):
     """Answer PROMPT about the given images or video with a SmolVLM model, streaming the text."""
     from .loading import load
@@ -487,7 +585,7 @@ def main(
         raise click.UsageError("--fps and --max-frames apply to --video")
     prompt = prompt or ("Describe this video." if video else "Describe this image.")
     # Unset sampling options fall back to the checkpoint's video_sampling.
-    sampling = {k: v for k, v in {"fps": fps, "max_frames": max_frames}.items() if v is not None}
+    frames = {k: v for k, v in {"fps": fps, "max_frames": max_frames}.items() if v is not None}
     try:
         images = load_images(image, resize_shape)
         vlm, processor = load(model, adapter_path=adapter_path, dtype=dtype)
@@ -498,19 +596,13 @@ def main(
             prompt,
             images,
             max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
             system=system,
-            kv_bits=int(kv_bits) if kv_bits else None,
-            max_kv_size=max_kv_size,
             video=video,
-            **sampling,
+            progress=terminal_progress(verbose),
+            **sampling_kwargs(**sampling),
+            **frames,
             **image_kwargs_from_cli(
-                resize_shape, no_image_splitting, longest_edge, max_tiles, no_upscale
+                resize_shape, image_splitting, longest_edge, max_tiles, no_upscale
             ),
         ):
             print(result.text, end="", flush=True)

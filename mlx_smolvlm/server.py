@@ -15,6 +15,7 @@ import io
 import itertools
 import json
 import queue
+import sys
 import threading
 import time
 import traceback
@@ -30,7 +31,7 @@ import click
 from PIL import Image
 
 from .batch import SamplingParams, batch_stream_generate, render_prompt
-from .generate import DEFAULT_MODEL, GenerationResult, image_kwargs_from_cli
+from .generate import MODEL_HELP, GenerationResult, image_kwargs_from_cli
 from .processing import IMAGE_TOKEN
 
 ROLES = ("system", "user", "assistant")
@@ -107,6 +108,13 @@ def parse_request(body: bytes, limits: Limits) -> ChatRequest:
         raise ApiError("only n=1 is supported", param="n")
     max_tokens = _number(data, "max_tokens", int, 1, None, None)
     max_tokens = _number(data, "max_completion_tokens", int, 1, None, max_tokens)
+    if max_tokens is not None and max_tokens > limits.max_tokens_cap:
+        print(
+            f"Warning: a request asked for max_tokens {max_tokens}; its answer stops at "
+            f"--max-tokens-cap {limits.max_tokens_cap}",
+            file=sys.stderr,
+            flush=True,
+        )
     sampling = SamplingParams(
         # Asking for more than the cap is not an error: the answer stops at the cap ("length").
         max_tokens=min(max_tokens or limits.default_max_tokens, limits.max_tokens_cap),
@@ -587,7 +595,10 @@ def create_server(
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Hub repo id or path.")
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option(
+    "--adapter-path", default=None, help="LoRA adapters to apply (from mlx_smolvlm.lora)."
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8080, show_default=True, help="Port (0 picks a free one).")
 @click.option(
@@ -625,6 +636,7 @@ def create_server(
 @click.option("--max-tiles", type=int, default=None, help="At most this many tiles per image.")
 def main(
     model,
+    adapter_path,
     host,
     port,
     allowed_image_dir,
@@ -641,7 +653,7 @@ def main(
     max_tiles,
 ):
     """Serve a SmolVLM model with an OpenAI-compatible chat completions API."""
-    from .loading import load
+    from .loading import load, resolve_model
 
     limits = Limits(
         max_body_bytes=max_body_bytes,
@@ -652,8 +664,14 @@ def main(
         allowed_image_dir=allowed_image_dir,
         remote_images=remote_images,
     )
-    image_kwargs = image_kwargs_from_cli(None, no_image_splitting, longest_edge, max_tiles, False)
-    vlm, processor = load(model, dtype=dtype)
+    image_kwargs = image_kwargs_from_cli(
+        None, False if no_image_splitting else None, longest_edge, max_tiles, False
+    )
+    try:
+        vlm, processor = load(model, adapter_path=adapter_path, dtype=dtype)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    model = str(model or resolve_model(None, adapter_path)[0])
     server = create_server(
         vlm, processor, model, host, port, limits, batch_window_ms, max_batch_size, image_kwargs
     )

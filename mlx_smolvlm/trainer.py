@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -230,9 +231,10 @@ def image_grid(image_processor: ImageProcessor, path: Path, image_kwargs: dict) 
     tile = image_kwargs.get("max_image_size") or image_processor.tile_size
     if image_processor.do_resize:
         edge = image_kwargs.get("longest_edge") or image_processor.longest_edge
-        upscale = image_kwargs.get("upscale", True)
-        if image_kwargs.get("max_tiles") is not None:
-            edge = edge_for_max_tiles(height, width, edge, tile, upscale, image_kwargs["max_tiles"])
+        upscale = image_kwargs.get("upscale", image_processor.upscale)
+        max_tiles = image_kwargs.get("max_tiles", image_processor.max_tiles)
+        if max_tiles is not None:
+            edge = edge_for_max_tiles(height, width, edge, tile, upscale, max_tiles)
         height, width = resized_size(height, width, edge, upscale)
     return tile_grid(*encoder_size(height, width, tile), tile)
 
@@ -347,6 +349,41 @@ def load_dataset(
             + (f"\n  ... and {more} more" if more > 0 else "")
         )
     return samples
+
+
+def warn_upscaled_images(samples: list[Sample], processor: Processor) -> None:
+    """Warn when records are mostly image tokens because small images were upscaled into
+    many tiles: training on them costs far more than the text they carry is worth."""
+    tile = processor.image_processor.tile_size
+    upscaled = []
+    for sample in samples:
+        image_tokens = sample.ids.count(processor.image_token_id)
+        if image_tokens <= 10 * (len(sample.ids) - image_tokens):
+            continue
+        for path, (rows, cols) in zip(sample.images, sample.grids):
+            if rows * cols > 1 and max(_image_size(path)) < tile:
+                upscaled.append((sample, path, rows * cols + 1, image_tokens))
+                break
+    if not upscaled:
+        return
+    sample, path, tiles, image_tokens = upscaled[0]
+    width, height = _image_size(path)
+    print(
+        f"Warning: {len(upscaled)} of {len(samples)} records are mostly image tokens "
+        f"(e.g. {sample.where}: {image_tokens} image tokens for "
+        f"{len(sample.ids) - image_tokens} text tokens) because images smaller than one "
+        f"{tile}-pixel tile (e.g. {path.name}, {width}x{height}) are upscaled into {tiles} "
+        "tiles: train with --no-image-splitting (one tile per image) or a smaller "
+        "--longest-edge for much cheaper steps.",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from an image file's header."""
+    with Image.open(path) as image:
+        return image.size
 
 
 # ---------------------------------------------------------------------------
@@ -675,6 +712,12 @@ def cli_image_kwargs(
     return kwargs
 
 
+def recorded_base(model: str) -> str:
+    """The base model as adapter_config.json records it: an absolute folder, or a Hub repo id."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else str(model)
+
+
 def run_training(
     model: str,
     data: str,
@@ -719,11 +762,12 @@ def run_training(
         if valid_file
         else []
     )
+    warn_upscaled_images(train_set, processor)
     vlm = load_model(path, dtype=dtype)
     config = {
         "format": ADAPTER_FORMAT,
         "fine_tune_type": "lora",
-        "base_model": str(model),
+        "base_model": recorded_base(model),
         "lora_parameters": lora_parameters(lora_rank, lora_alpha, lora_dropout),
         "modules": select_modules(vlm, lora_layers, target_modules, train_vision),
         "num_layers": lora_layers,
