@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -108,8 +109,9 @@ def test_generate_shows_progress_on_a_terminal_only(checkpoint, image):
             "--max-tokens", "2"]  # fmt: skip
     term = Terminal(args)
     assert term.wait(300) == 0, term.output
-    assert "[encoding image tiles 1/" in term.output
-    assert "[prefilling prompt tokens 0/" in term.output
+    tiles = re.findall(r"\[encoding image tiles (\d+)/(\d+)\]", term.output)
+    assert tiles and tiles[-1][0] == tiles[-1][1] and int(tiles[0][0]) < int(tiles[0][1])
+    assert re.search(r"\[prefilling prompt tokens 512/\d+\]", term.output)
     quiet = Terminal([*args, "--quiet"])
     assert quiet.wait(300) == 0, quiet.output
     assert "encoding image tiles" not in quiet.output and "prefilling" not in quiet.output

@@ -314,7 +314,7 @@ def test_generate_and_chat_clis_apply_the_adapters_settings(trained, data):
     ]
     result = CliRunner().invoke(generate_main, args)
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("A green square.")
+    assert result.output.strip().startswith("A green square.")
     assert "Prompt: " in result.output
     one_tile = int(result.output.split("Prompt: ")[1].split()[0])
     # A flag still wins: splitting the 32-pixel image (upscaled to 512) gives 17 tiles.

@@ -1,0 +1,84 @@
+"""What a new user meets first: clear refusals, warnings that say what to do, random checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from conftest import real_model_dir
+
+from mlx_smolvlm import random_checkpoint
+from mlx_smolvlm.generate import main as generate_main
+from mlx_smolvlm.generate import stream_generate
+from mlx_smolvlm.server import Limits, parse_request
+
+
+def test_max_tokens_zero_is_refused_before_any_work():
+    # No model is needed: the refusal comes before the prompt is even processed.
+    with pytest.raises(ValueError, match="max_tokens must be at least 1, got 0"):
+        next(stream_generate(None, None, "Hello", max_tokens=0))
+    result = CliRunner().invoke(generate_main, ["--model", "/nonexistent", "--max-tokens", "0"])
+    assert result.exit_code == 2 and "'--max-tokens': 0 is not in the range x>=1" in result.output
+
+
+def test_server_reports_a_capped_max_tokens(capsys):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 100}
+    request = parse_request(json.dumps(body).encode(), Limits(max_tokens_cap=16))
+    assert request.sampling.max_tokens == 16
+    err = capsys.readouterr().err
+    assert "asked for max_tokens 100" in err and "--max-tokens-cap 16" in err
+    parse_request(json.dumps({**body, "max_tokens": 16}).encode(), Limits(max_tokens_cap=16))
+    assert capsys.readouterr().err == ""
+
+
+def test_a_missing_blas_library_is_reported():
+    env = {**os.environ, "MLX_SMOLVLM_BLAS": "/nonexistent/libblas.so"}
+    env.pop("MLX_SMOLVLM_QUIET", None)
+    run = subprocess.run([sys.executable, "-c", "import mlx_smolvlm"], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    if sys.platform == "linux":
+        assert "MLX_SMOLVLM_BLAS=/nonexistent/libblas.so cannot be loaded" in run.stderr
+        assert "libopenblas0-pthread" in run.stderr
+    else:
+        assert "MLX_SMOLVLM_BLAS" not in run.stderr  # nothing to load on macOS
+    env["MLX_SMOLVLM_QUIET"] = "1"
+    run = subprocess.run([sys.executable, "-c", "import mlx_smolvlm"], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0 and "warning" not in run.stderr
+
+
+def test_random_checkpoint_refusals(tmp_path, monkeypatch):
+    main = random_checkpoint.main
+    result = CliRunner().invoke(main, [str(tmp_path / "nowhere"), str(tmp_path / "out")])
+    assert result.exit_code == 1 and "config.json not found" in result.output
+    (tmp_path / "taken").mkdir()
+    result = CliRunner().invoke(main, [str(real_model_dir()), str(tmp_path / "taken")])
+    assert result.exit_code == 1 and "already exists; pass --force" in result.output
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    result = CliRunner().invoke(main, [str(real_model_dir()), str(tmp_path / "out")])
+    assert result.exit_code == 1 and "needs torch and transformers" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.torch
+def test_random_checkpoint_is_complete_and_loads(tmp_path):
+    from mlx_smolvlm import generate, load
+
+    out = tmp_path / "random"
+    result = CliRunner().invoke(
+        random_checkpoint.main, [str(real_model_dir()), str(out), "--tiny", "--layers", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json",
+                 "chat_template.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["text_config"]["num_hidden_layers"] == 1
+    assert config["vision_config"]["hidden_size"] == 64
+    model, processor = load(out)
+    assert generate(model, processor, "Hello", max_tokens=3).generation_tokens >= 1
