@@ -622,3 +622,33 @@ def test_warning_when_small_images_are_upscaled_into_many_tiles(processor, data,
     one_tile = load_dataset(data / "train.jsonl", processor, 4096, ONE_TILE)
     trainer.warn_upscaled_images(one_tile, processor)
     assert capsys.readouterr().err == ""
+
+
+def test_server_cli_applies_the_adapters(trained, checkpoint, monkeypatch):
+    from mlx_smolvlm import server
+
+    adapters, _ = trained
+    started = {}
+
+    class Stopped:
+        server_address = ("127.0.0.1", 0)
+
+        def serve_forever(self):
+            raise KeyboardInterrupt  # as if the operator pressed Ctrl-C at once
+
+        def server_close(self):
+            pass
+
+    def fake_create_server(vlm, processor, model_id, *args):
+        started.update(vlm=vlm, processor=processor, model_id=model_id)
+        return Stopped()
+
+    monkeypatch.setattr(server, "create_server", fake_create_server)
+    result = CliRunner().invoke(server.main, ["--adapter-path", str(adapters), "--port", "0"])
+    assert result.exit_code == 0, result.output
+    assert started["model_id"] == str(checkpoint.resolve())
+    assert started["processor"].image_processor.do_image_splitting is False
+    layer = started["vlm"].language_model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoRALinear)
+    result = CliRunner().invoke(server.main, ["--adapter-path", str(checkpoint)])
+    assert result.exit_code == 1 and "adapter_config.json not found" in result.output
