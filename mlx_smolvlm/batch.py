@@ -45,9 +45,13 @@ class _Renderer:
 
     def __init__(self, processor: Any):
         self.processor = processor
+        self.tokenizer = processor.tokenizer
 
     def apply_chat_template(self, messages: list[dict], **kwargs: Any) -> str:
         return self.processor.apply_chat_template(messages, **kwargs)
+
+    def is_rendered(self, prompt: str) -> bool:
+        return self.processor.is_rendered(prompt)
 
     def __call__(self, text: str, images: Any = None, **_: Any) -> tuple[str, list]:
         return text, list(images or [])
@@ -78,6 +82,7 @@ def render_batch(
         text=texts,
         images=groups if any(groups) else None,
         return_tensors="np",
+        add_special_tokens=not processor.tokenizer.starts_with_bos(texts[0]),
         **image_kwargs,
     )
 

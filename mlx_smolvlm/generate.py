@@ -45,6 +45,10 @@ class GenerationResult:
     peak_memory: float = 0.0  # GB, as reported by mx.get_peak_memory()
     finish_reason: str | None = None  # "stop" (end-of-turn token) or "length" (max_tokens)
 
+    def __str__(self) -> str:
+        """The text, so that `print(generate(...))` prints the answer as with mlx-vlm."""
+        return self.text
+
 
 class PromptCache:
     """A conversation's KV cache and the token ids it holds, reused across turns.
@@ -173,6 +177,9 @@ def prepare_inputs(
 ) -> dict:
     """Render the chat template for `prompt` and process it with its images and videos.
 
+    A prompt already rendered with the chat template (it starts as the template's renderings
+    do) is processed as it is; a plain prompt is wrapped in a user turn with its images.
+
     `video` (a file path or a `video_processing.Video`, or a list of them) goes before the
     images of a string prompt, or fills the bare video parts of chat messages.
     """
@@ -180,6 +187,21 @@ def prepare_inputs(
 
     extra = _as_list(image)
     videos = _as_list(video)
+    if isinstance(prompt, str) and processor.is_rendered(prompt):
+        # Already rendered (e.g. by apply_chat_template, as mlx-vlm users do): used as it is.
+        if system is not None:
+            raise ValueError(
+                "system cannot be added to a prompt that is already rendered with the chat "
+                "template: put it in the messages you render"
+            )
+        return processor(
+            text=prompt,
+            images=extra or None,
+            videos=videos or None,
+            return_tensors="np",
+            add_special_tokens=not processor.tokenizer.starts_with_bos(prompt),
+            **image_kwargs,
+        )
     if isinstance(prompt, str):
         messages = build_messages(prompt, len(extra), system, num_videos=len(videos))
         images = extra
@@ -206,6 +228,7 @@ def prepare_inputs(
         images=images or None,
         videos=videos or None,
         return_tensors="np",
+        add_special_tokens=not processor.tokenizer.starts_with_bos(text),
         **image_kwargs,
     )
 

@@ -33,8 +33,8 @@ def load_image(source: ImageSource, timeout: float = 10.0) -> Image.Image:
     """Load a path, URL, data URI, PIL image or numpy array as an upright RGB PIL image."""
     if isinstance(source, Image.Image):
         image = source
-    elif isinstance(source, np.ndarray):
-        image = array_to_image(source)
+    elif isinstance(source, np.ndarray) or _is_array_like(source):
+        image = array_to_image(np.asarray(source))
     elif isinstance(source, (str, Path)):
         image = _open_image(source, timeout)
     else:
@@ -54,19 +54,27 @@ def fetch_image(source: ImageSource, timeout: float = 10.0) -> Image.Image:
     # transpose happens.
     if isinstance(source, Image.Image):
         return source
-    if isinstance(source, np.ndarray):
-        return array_to_image(source)
+    if isinstance(source, np.ndarray) or _is_array_like(source):
+        return array_to_image(np.asarray(source))
     return load_image(source, timeout)
 
 
+def _is_array_like(source: Any) -> bool:
+    """A torch tensor, mlx array or other object numpy can read (not a path or a PIL image)."""
+    return hasattr(source, "__array__") and not isinstance(source, (str, Path, Image.Image))
+
+
 def array_to_image(array: np.ndarray) -> Image.Image:
-    """Convert an HWC (1, 3 or 4 channels) or HW numpy image to an RGB PIL image."""
+    """Convert an HWC (1, 3 or 4 channels), CHW (1 or 3) or HW numpy image to an RGB PIL image."""
+    if array.ndim == 3 and array.shape[0] in (1, 3):
+        # Channels first, as transformers infers it (the first axis wins when both could be).
+        array = array.transpose(1, 2, 0)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise ValueError(
-            f"Cannot use a numpy array of shape {array.shape} as an image: expected HW or HWC "
-            "with 1, 3 or 4 channels"
+            f"Cannot use a numpy array of shape {array.shape} as an image: expected HW, HWC "
+            "with 1, 3 or 4 channels, or CHW with 1 or 3"
         )
     array = _to_uint8(array)
     if array.ndim == 3 and array.shape[-1] == 4:

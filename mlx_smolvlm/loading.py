@@ -10,7 +10,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig, load_config
+from .config import ModelConfig
+from .config import load_config as read_config
 from .lora import adapter_base_model, apply_adapters, apply_image_settings, read_adapter_config
 from .model import Model
 
@@ -122,12 +123,18 @@ def check_weights(model: Model, weights: dict[str, mx.array], model_path: Path) 
             )
 
 
+def load_config(path_or_repo: str | Path, revision: str | None = None) -> dict:
+    """A checkpoint's config.json as a dict, checked to describe a SmolVLM model (mlx-vlm's
+    `load_config`); `load(...)[0].config` holds the parsed `ModelConfig`."""
+    return read_config(get_model_path(path_or_repo, revision))[1]
+
+
 def load_model(
     model_path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False
 ) -> Model:
     """Build the model described by `model_path/config.json` and load its weights."""
     model_path = Path(model_path)
-    config, raw = load_config(model_path)
+    config, raw = read_config(model_path)
     model = Model(config)
     weights = model.sanitize(load_weights(model_path))
     quantize_like(model, raw, weights)
@@ -186,6 +193,7 @@ __all__ = [
     "ModelConfig",
     "get_model_path",
     "load",
+    "load_config",
     "load_model",
     "load_weights",
     "resolve_model",

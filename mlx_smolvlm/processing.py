@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -21,6 +22,7 @@ import tokenizers
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .config import ConfigError, ModelConfig
 from .image_processing import ImageProcessor, _pad, fetch_image
 from .video_processing import (
     VIDEO_CHAT_TEMPLATE,
@@ -149,6 +151,8 @@ class Tokenizer:
         self.additional_special_tokens = [_token_text(t) for t in extra or []]
         self._generation_config = generation_config or {}
         self._clean_up = bool(config.get("clean_up_tokenization_spaces", False))
+        self.truncation_side = config.get("truncation_side", "right")
+        self.model_max_length = config.get("model_max_length")
         # Every added token flagged special: what decode(skip_special_tokens=True) drops.
         self.skipped_ids = frozenset(
             i for i, tok in backend.get_added_tokens_decoder().items() if tok.special
@@ -156,25 +160,39 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
-        """Load tokenizer.json and the config files beside it."""
+        """Load tokenizer.json (else vocab.json + merges.txt) and the config files beside it."""
         path = Path(path)
+        config = _read_json(path / "tokenizer_config.json")
+        tokens_map = _read_json(path / "special_tokens_map.json")
         file = path / "tokenizer.json"
-        if not file.exists():
-            raise FileNotFoundError(f"Missing tokenizer file: {file}")
-        try:
-            backend = tokenizers.Tokenizer.from_file(str(file))
-        except Exception as err:  # tokenizers raises a bare Exception on bad files
-            raise ValueError(f"Cannot load tokenizer {file}: {err}") from err
-        return cls(
-            backend,
-            _read_json(path / "tokenizer_config.json"),
-            _read_json(path / "special_tokens_map.json"),
-            _read_json(path / "generation_config.json"),
-        )
+        if file.exists():
+            try:
+                backend = tokenizers.Tokenizer.from_file(str(file))
+            except Exception as err:  # tokenizers raises a bare Exception on bad files
+                raise ValueError(f"Cannot load tokenizer {file}: {err}") from err
+        elif (path / "vocab.json").exists() and (path / "merges.txt").exists():
+            backend = _byte_level_bpe(path, config, tokens_map)
+        else:
+            raise FileNotFoundError(
+                f"Missing tokenizer file: {file} (or vocab.json and merges.txt beside it)"
+            )
+        _set_bos_eos(backend, config, tokens_map, from_json=file.exists())
+        return cls(backend, config, tokens_map, _read_json(path / "generation_config.json"))
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`."""
+        """Token ids of `text`; `add_special_tokens` adds what the tokenizer adds (e.g. a BOS)."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def starts_with_bos(self, text: str) -> bool:
+        """Whether `text` begins with the BOS token (then transformers' apply_chat_template
+        adds no special tokens when it tokenizes a rendered prompt)."""
+        bos = self.special_tokens.get("bos_token")
+        return bool(bos) and text.startswith(bos)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids of a rendered chat prompt as transformers' apply_chat_template makes them: the
+        tokenizer's special tokens (a BOS) are added unless the text starts with the BOS."""
+        return self.encode(text, add_special_tokens=not self.starts_with_bos(text))
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of token ids."""
@@ -256,6 +274,80 @@ class Tokenizer:
     def detokenizer(self) -> StreamingDetokenizer:
         """A fresh streaming detokenizer."""
         return StreamingDetokenizer(self)
+
+
+def _added_token(value: Any, special: bool = True) -> tokenizers.AddedToken:
+    """An AddedToken from a config entry (a string or an AddedToken dict)."""
+    if isinstance(value, str):
+        return tokenizers.AddedToken(value, special=special, normalized=not special)
+    flags = ("single_word", "lstrip", "rstrip", "normalized", "special")
+    return tokenizers.AddedToken(value["content"], **{k: value[k] for k in flags if k in value})
+
+
+def _byte_level_bpe(
+    path: Path, config: dict[str, Any], tokens_map: dict[str, Any]
+) -> tokenizers.Tokenizer:
+    """The byte-level BPE tokenizer transformers' GPT2Tokenizer builds from vocab.json and
+    merges.txt, with the added tokens of tokenizer_config.json and the named special tokens."""
+    try:
+        vocab, merges = tokenizers.models.BPE.read_file(
+            str(path / "vocab.json"), str(path / "merges.txt")
+        )
+    except Exception as err:  # tokenizers raises a bare Exception on bad files
+        raise ValueError(f"Cannot read {path / 'vocab.json'} / merges.txt: {err}") from err
+    backend = tokenizers.Tokenizer(
+        tokenizers.models.BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
+    prefix_space = bool(config.get("add_prefix_space", False))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    decoder = config.get("added_tokens_decoder") or {}
+    added = [_added_token(decoder[i]) for i in sorted(decoder, key=int)]
+    # Named special tokens the config does not list are added as special, as transformers does.
+    named = [config.get(k, tokens_map.get(k)) for k in ("bos_token", "eos_token", "unk_token")]
+    named.append(config.get("pad_token", tokens_map.get("pad_token")))
+    extra = config.get("additional_special_tokens", tokens_map.get("additional_special_tokens"))
+    known = {t.content for t in added}
+    for value in [*named, *(extra or [])]:
+        content = _token_text(value)
+        if content is not None and content not in known:
+            added.append(_added_token(value))
+            known.add(content)
+    backend.add_tokens(added)
+    return backend
+
+
+def _set_bos_eos(
+    backend: tokenizers.Tokenizer,
+    config: dict[str, Any],
+    tokens_map: dict[str, Any],
+    from_json: bool,
+) -> None:
+    """Make encode(add_special_tokens=True) add the BOS/EOS that transformers 5 adds: a
+    tokenizer.json's own post-processor (its add_bos_token/add_eos_token config keys are
+    dropped then), else the tokenizer_config's add_bos_token/add_eos_token."""
+    if from_json and backend.post_processor is not None:
+        return
+    flags = {} if from_json else config
+    template, special = ["$A:0"], []
+    for key, at_start in (("bos_token", True), ("eos_token", False)):
+        token = _token_text(config.get(key, tokens_map.get(key)))
+        if not flags.get(f"add_{key}") or token is None:
+            continue
+        template.insert(0 if at_start else len(template), f"{token}:0")
+        special.append((token, backend.token_to_id(token)))
+    single = " ".join(template)
+    pair = single + " " + " ".join(t.replace(":0", ":1").replace("$A", "$B") for t in template)
+    backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=special
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -446,24 +538,44 @@ def _expand_media(
     return "".join(text), frames
 
 
-def _pad_left(ids: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Left-pad sequences to the longest one; returns (ids, attention_mask)."""
-    length = max(len(seq) for seq in ids)
-    padded = [[pad_id] * (length - len(seq)) + seq for seq in ids]
-    mask = [[0] * (length - len(seq)) + [1] * len(seq) for seq in ids]
+def _pad_ids(
+    ids: list[list[int]], pad_id: int, length: int, side: str
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Pad sequences to `length` on `side` ("left" or "right"); returns (ids, attention_mask)."""
+    padded, mask = [], []
+    for seq in ids:
+        fill = max(0, length - len(seq))
+        if side == "left":
+            padded.append([pad_id] * fill + seq)
+            mask.append([0] * fill + [1] * len(seq))
+        else:
+            padded.append(seq + [pad_id] * fill)
+            mask.append([1] * len(seq) + [0] * fill)
     return padded, mask
 
 
+def _is_text(value: Any) -> bool:
+    """A string or a non-empty list of strings."""
+    if isinstance(value, str):
+        return True
+    return (
+        isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, str) for v in value)
+    )
+
+
 def _to_tensors(out: dict[str, Any], return_tensors: str | None) -> dict[str, Any]:
-    """Convert token lists (and pixel arrays) to numpy or mlx arrays."""
+    """Convert token lists (and pixel arrays) to numpy, mlx or torch ("pt") arrays."""
     if return_tensors is None:
         return out
-    if return_tensors not in ("np", "mlx"):
-        raise ValueError(f"return_tensors must be 'np', 'mlx' or None, got {return_tensors!r}")
-    if len({len(seq) for seq in out["input_ids"]}) > 1:
-        raise ValueError("Prompts have different lengths: use padding=True to get arrays")
-    out = dict(out, input_ids=np.array(out["input_ids"], dtype=np.int64))
-    out["attention_mask"] = np.array(out["attention_mask"], dtype=np.int64)
+    if return_tensors not in ("np", "mlx", "pt"):
+        raise ValueError(
+            f"return_tensors must be 'np', 'mlx', 'pt' or None, got {return_tensors!r}"
+        )
+    if "input_ids" in out:
+        if len({len(seq) for seq in out["input_ids"]}) > 1:
+            raise ValueError("Prompts have different lengths: use padding=True to get arrays")
+        out = dict(out, input_ids=np.array(out["input_ids"], dtype=np.int64))
+        out["attention_mask"] = np.array(out["attention_mask"], dtype=np.int64)
     if return_tensors == "mlx":
         import mlx.core as mx  # lazily: tokenization alone should not start MLX
 
@@ -472,6 +584,10 @@ def _to_tensors(out: dict[str, Any], return_tensors: str | None) -> dict[str, An
             k: mx.array(v.astype(dtypes.get(k, v.dtype))) if isinstance(v, np.ndarray) else v
             for k, v in out.items()
         }
+    elif return_tensors == "pt":
+        import torch  # optional dependency: only for transformers-style torch outputs
+
+        out = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in out.items()}
     return out
 
 
@@ -529,25 +645,45 @@ class Processor:
 
     def __call__(
         self,
-        text: str | list[str],
+        text: str | list[str] | None = None,
         images: Any = None,
         return_tensors: str | None = "np",
-        padding: bool = True,
+        padding: bool | str = True,
         *,
         videos: Any = None,
         fps: float | None = None,
         max_frames: int | None = None,
         do_sample_frames: bool = True,
+        add_special_tokens: bool = True,
+        truncation: bool | str = False,
+        max_length: int | None = None,
+        padding_side: str = "left",
         **image_kwargs: Any,
     ) -> dict[str, Any]:
         """Expand <image> and <video> placeholders, tokenize and process images and videos.
 
-        Several prompts are padded on the LEFT with the tokenizer's pad id (generation
-        appends on the right); transformers pads on the right unless told otherwise.
-        Videos (file paths or `Video`s) are sampled at `fps`, at most `max_frames` frames
-        (the checkpoint's video_sampling by default), as transformers does in
-        apply_chat_template; its bare processor call keeps every frame unless asked to sample.
+        Takes transformers' keywords: `add_special_tokens` (the tokenizer's BOS, if it adds
+        one), `padding` (True/"longest", "max_length", False), `max_length`, `truncation`,
+        `padding_side`, image options such as `size={"longest_edge": N}`,
+        `max_image_size={"longest_edge": M}` or `do_image_splitting`, and images as PIL,
+        paths, URLs, or numpy/torch arrays (HWC or CHW). Images without text give only
+        `pixel_values` and `pixel_attention_mask`, as in transformers.
+
+        Unlike transformers, several prompts are padded by default, on the LEFT (generation
+        appends on the right). Videos (file paths or `Video`s) are sampled at `fps`, at most
+        `max_frames` frames (the checkpoint's video_sampling by default), as transformers does
+        in apply_chat_template; its bare processor call keeps every frame unless asked to sample.
         """
+        if text is not None and not _is_text(text):
+            if images is None or _is_text(images):  # transformers' positional order: images, text
+                text, images = images, text
+            else:
+                raise ValueError(
+                    f"text must be a string or a list of strings, got {type(text).__name__}"
+                )
+        image_processor, image_kwargs = self._image_settings(image_kwargs)
+        if text is None:
+            return self._images_only(images, image_processor, image_kwargs, return_tensors)
         prompts = [text] if isinstance(text, str) else list(text)
         out: dict[str, Any] = {}
         groups = _arrange_images(prompts, [] if images is None else images)
@@ -555,22 +691,99 @@ class Processor:
         if any(video_groups):
             sampling = {"fps": fps, "max_frames": max_frames, "sample": do_sample_frames}
             prompts, out = self._process_media(
-                prompts, groups, video_groups, image_kwargs, sampling
+                prompts, groups, video_groups, image_processor, image_kwargs, sampling
             )
         elif any(groups):
             groups = [[fetch_image(x) for x in g] for g in groups]
-            processed = self.image_processor(groups, **image_kwargs)
+            processed = image_processor(groups, **image_kwargs)
             prompts = self._expand_prompts(prompts, processed["rows"], processed["cols"])
             out["pixel_values"] = processed["pixel_values"]
             if "pixel_attention_mask" in processed:
                 out["pixel_attention_mask"] = processed["pixel_attention_mask"]
-        ids = [self.tokenizer.encode(p) for p in prompts]
-        if padding:
-            # Any id would do where the mask is 0; 0 when the checkpoint names no pad token.
-            ids, mask = _pad_left(ids, self.tokenizer.pad_token_id or 0)
-        else:
-            mask = [[1] * len(seq) for seq in ids]
+        ids = [self.tokenizer.encode(p, add_special_tokens=add_special_tokens) for p in prompts]
+        if truncation not in (False, None, "do_not_truncate"):
+            ids = self._truncate(ids, max_length)
+        ids, mask = self._pad(ids, padding, max_length, padding_side)
         return _to_tensors({"input_ids": ids, "attention_mask": mask, **out}, return_tensors)
+
+    def _image_settings(self, kwargs: dict[str, Any]) -> tuple[ImageProcessor, dict[str, Any]]:
+        """The image processor with transformers-style overrides of its fields (dict-shaped
+        `size`/`max_image_size`, `do_resize`, `image_mean`...) applied, and the call options."""
+        names = {f.name for f in dataclasses.fields(ImageProcessor)}
+        call_options = {"do_image_splitting", "max_image_size"}
+        fields = {
+            k: v
+            for k, v in kwargs.items()
+            if k in names and (k not in call_options or isinstance(v, dict))
+        }
+        rest = {k: v for k, v in kwargs.items() if k not in fields}
+        if not fields:
+            return self.image_processor, rest
+        try:
+            return dataclasses.replace(self.image_processor, **fields), rest
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"Bad image option: {err}") from err
+
+    def _images_only(
+        self,
+        images: Any,
+        image_processor: ImageProcessor,
+        image_kwargs: dict[str, Any],
+        return_tensors: str | None,
+    ) -> dict[str, Any]:
+        """pixel_values and pixel_attention_mask of images given without text."""
+        if images is None:
+            raise ValueError("Give text, images or both to the processor")
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if images and all(isinstance(x, (list, tuple)) for x in images):
+            groups = [[fetch_image(x) for x in group] for group in images]
+        else:
+            groups = [[fetch_image(x) for x in images]]
+        processed = image_processor(groups, **image_kwargs)
+        out = {k: v for k, v in processed.items() if k not in ("rows", "cols")}
+        return _to_tensors(out, return_tensors)
+
+    def _truncate(self, ids: list[list[int]], max_length: int | None) -> list[list[int]]:
+        """Cut sequences to `max_length` on the tokenizer's truncation side; refuse to cut
+        inside an image's tokens (transformers raises there too)."""
+        if max_length is None:
+            max_length = self.tokenizer.model_max_length
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+            raise ValueError(f"truncation needs a positive integer max_length, got {max_length!r}")
+        left = self.tokenizer.truncation_side == "left"
+        cut = [seq[len(seq) - max_length :] if left else seq[:max_length] for seq in ids]
+        if any(len(seq) > max_length for seq in ids):
+            image_id = self.image_token_id
+            if [seq.count(image_id) for seq in cut] != [seq.count(image_id) for seq in ids]:
+                raise ValueError(
+                    f"truncation to max_length={max_length} would cut image tokens: "
+                    "raise max_length or leave truncation off"
+                )
+        return cut
+
+    def _pad(
+        self, ids: list[list[int]], padding: bool | str, max_length: int | None, side: str
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Pad as transformers' `padding` asks: True/"longest", "max_length", False/"do_not_pad"."""
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        if padding in (False, None, "do_not_pad"):
+            return ids, [[1] * len(seq) for seq in ids]
+        if padding in (True, "longest"):
+            length = max(len(seq) for seq in ids)
+        elif padding == "max_length":
+            length = max_length if max_length is not None else self.tokenizer.model_max_length
+            if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+                raise ValueError(
+                    f'padding="max_length" needs a positive max_length, got {length!r}'
+                )
+        else:
+            raise ValueError(
+                f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}"
+            )
+        # Any id would do where the mask is 0; 0 when the checkpoint names no pad token.
+        return _pad_ids(ids, self.tokenizer.pad_token_id or 0, length, side)
 
     def _arrange_videos(self, prompts: list[str], videos: Any) -> list[list[Any]]:
         """Videos per prompt; without a video processor "<video>" is plain text."""
@@ -588,6 +801,7 @@ class Processor:
         prompts: list[str],
         image_groups: list[list[Any]],
         video_groups: list[list[Any]],
+        image_processor: ImageProcessor,
         image_kwargs: dict[str, Any],
         sampling: dict[str, Any],
     ) -> tuple[list[str], dict[str, Any]]:
@@ -597,7 +811,10 @@ class Processor:
         frame_prompt = image_prompt_string(0, 0, self.image_seq_len)
         texts, frames = [], []
         for prompt, images, videos in zip(prompts, image_groups, video_groups):
-            image_items = [self._image_item(image, image_kwargs) for image in images]
+            image_items = [
+                _image_item(image, image_processor, image_kwargs, self.image_seq_len)
+                for image in images
+            ]
             video_items = []
             for source in videos:
                 video = self.video_processor.load(source, **sampling)
@@ -610,12 +827,6 @@ class Processor:
         pixel_values, mask = _pad(frames)
         return texts, {"pixel_values": pixel_values, "pixel_attention_mask": mask}
 
-    def _image_item(self, image: Any, image_kwargs: dict[str, Any]) -> tuple[str, np.ndarray]:
-        """One image's prompt string and tiles."""
-        processed = self.image_processor([[fetch_image(image)]], **image_kwargs)
-        rows, cols = processed["rows"][0][0], processed["cols"][0][0]
-        return image_prompt_string(rows, cols, self.image_seq_len), processed["pixel_values"][0]
-
     def _expand_prompts(
         self, prompts: list[str], rows: list[list[int]], cols: list[list[int]]
     ) -> list[str]:
@@ -627,20 +838,63 @@ class Processor:
 
     def apply_chat_template(
         self,
-        messages: list[dict[str, Any]],
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
         add_generation_prompt: bool = True,
         tokenize: bool = False,
         chat_template: str | None = None,
         fps: float | None = None,
         max_frames: int | None = None,
+        return_dict: bool = False,
+        return_tensors: str | None = None,
+        processor_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
-    ) -> str | list[int]:
-        """Render messages with the checkpoint's jinja template; tokenize=True returns input ids.
+    ) -> Any:
+        """Render messages (or a batch of conversations) with the checkpoint's jinja template.
 
-        With tokenize=True, image and video blocks must carry their source ("image"/"video",
-        "url" or "path") so that each is expanded like the processor does; videos are then
-        sampled with `fps` and `max_frames` (the checkpoint's video_sampling by default).
+        As transformers' processors: tokenize=True returns the batch's input ids (a list per
+        conversation), return_dict=True the whole processor output (input_ids, attention_mask,
+        pixel_values, pixel_attention_mask) for the images and videos named in the messages
+        ("image"/"video", "url" or "path" keys). Processor keywords (padding, max_length,
+        truncation, size...) go to the processor, the rest to the template. The BOS is added
+        only when the rendered text does not start with it. Unlike transformers, the
+        generation prompt is added unless add_generation_prompt=False.
         """
+        batched = bool(messages) and isinstance(messages[0], (list, tuple))
+        conversations = [list(c) for c in messages] if batched else [messages]
+        options = dict(processor_kwargs or {})
+        for key in list(kwargs):
+            if key in _PROCESSOR_KEYWORDS:
+                options[key] = kwargs.pop(key)
+        prompts = [
+            self._render(conversation, add_generation_prompt, chat_template, kwargs)
+            for conversation in conversations
+        ]
+        if not tokenize:
+            return prompts if batched else prompts[0]
+        normalized = [[_normalize_message(m) for m in c] for c in conversations]
+        images = [_media_sources(c, "image") for c in normalized]
+        videos = [v for c in normalized for v in _media_sources(c, "video")]
+        if self.tokenizer.starts_with_bos(prompts[0]):
+            options.setdefault("add_special_tokens", False)
+        out = self(
+            prompts,
+            images=images if any(images) else None,
+            videos=videos or None,
+            return_tensors=return_tensors,
+            fps=fps,
+            max_frames=max_frames,
+            **options,
+        )
+        return out if return_dict else out["input_ids"]
+
+    def _render(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        chat_template: str | None,
+        variables: dict[str, Any],
+    ) -> str:
+        """One conversation rendered with the chat template."""
         conversation = [_normalize_message(m) for m in messages]
         # Like transformers' SmolVLMProcessor: messages with a video get its video-aware
         # template unless one is passed, since SmolVLM2 checkpoints' templates drop videos.
@@ -649,39 +903,67 @@ class Processor:
         if template is None:
             raise ValueError("This processor has no chat template; pass chat_template=...")
         special = {k: v for k, v in self.tokenizer.special_tokens.items() if v is not None}
-        prompt = _compile_template(template).render(
+        return _compile_template(template).render(
             messages=_plain(conversation),
             add_generation_prompt=add_generation_prompt,
-            **_plain({**special, **kwargs}),
+            **_plain({**special, **variables}),
         )
-        if not tokenize:
-            return prompt
-        images = _media_sources(conversation, "image")
-        videos = _media_sources(conversation, "video")
-        out = self(
-            prompt,
-            images=images or None,
-            videos=videos or None,
-            return_tensors=None,
-            fps=fps,
-            max_frames=max_frames,
-        )
-        return out["input_ids"][0]
+
+    def is_rendered(self, prompt: str) -> bool:
+        """Whether `prompt` is already a chat-template rendering rather than a plain question:
+        it starts as every rendering does (e.g. "<|im_start|>"), or, for templates without
+        such an opening, it ends with the generation prompt (e.g. "Assistant:")."""
+        if self.chat_template is None:
+            return False
+        probe = "q9zProbe"  # text no template writes by itself
+        user = [{"role": "user", "content": [{"type": "text", "text": probe}]}]
+        system = [{"role": "system", "content": [{"type": "text", "text": "s" + probe}]}]
+        plain = self._render(user, False, None, {})
+        prompted = self._render(user, True, None, {})
+        try:
+            opening = os.path.commonprefix([prompted, self._render(system + user, True, None, {})])
+        except jinja2.exceptions.TemplateError:  # a template without a system role
+            opening = ""
+        if opening:
+            return prompt.startswith(opening)
+        suffix = prompted[len(plain) :].strip() if prompted.startswith(plain) else ""
+        return bool(suffix) and prompt.rstrip().endswith(suffix)
+
+
+# Keywords of apply_chat_template that configure the processor call, not the template.
+_PROCESSOR_KEYWORDS = {
+    "padding",
+    "padding_side",
+    "truncation",
+    "max_length",
+    "add_special_tokens",
+    "do_sample_frames",
+    "longest_edge",
+    "max_tiles",
+    "upscale",
+    *(f.name for f in dataclasses.fields(ImageProcessor)),
+}
+
+
+def _image_item(
+    image: Any, image_processor: ImageProcessor, image_kwargs: dict[str, Any], image_seq_len: int
+) -> tuple[str, np.ndarray]:
+    """One image's prompt string and tiles."""
+    processed = image_processor([[fetch_image(image)]], **image_kwargs)
+    rows, cols = processed["rows"][0][0], processed["cols"][0][0]
+    return image_prompt_string(rows, cols, image_seq_len), processed["pixel_values"][0]
 
 
 def _image_seq_len(path: Path, config: dict[str, Any]) -> int:
-    """processor_config.json's image_seq_len, else (image_size // patch_size)^2 / scale_factor^2."""
+    """processor_config.json's image_seq_len, else the model config's (patches / scale_factor)^2."""
     processor_config = _read_json(path / "processor_config.json")
     if "image_seq_len" in processor_config:
         return int(processor_config["image_seq_len"])
-    vision = config.get("vision_config", {})
     try:
-        patches = vision["image_size"] // vision["patch_size"]
-        return int(patches**2 / config["scale_factor"] ** 2)
-    except KeyError as err:
+        return ModelConfig.from_dict(config, str(path / "config.json")).image_seq_len
+    except ConfigError as err:
         raise ValueError(
-            f"Cannot tell image_seq_len: {path / 'processor_config.json'} lacks it and "
-            f"{path / 'config.json'} lacks {err}"
+            f"Cannot tell image_seq_len: {path / 'processor_config.json'} lacks it and {err}"
         ) from err
 
 

@@ -257,7 +257,8 @@ def render_ids(
     """Token ids of the chat template's rendering of `messages` (images expanded)."""
     text = processor.apply_chat_template(messages, add_generation_prompt=prompt)
     count = text.count(IMAGE_TOKEN)
-    return processor.tokenizer.encode(expand_images(text, grids[:count], processor.image_seq_len))
+    expanded = expand_images(text, grids[:count], processor.image_seq_len)
+    return processor.tokenizer.encode_prompt(expanded)
 
 
 def encode_conversation(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +137,46 @@ def hf_logits(model, input_ids, pixel_values=None, pixel_attention_mask=None, at
 
 def write_config(path: Path, config: dict) -> None:
     (Path(path) / "config.json").write_text(json.dumps(config))
+
+
+def hf_processor(directory: Path):
+    """transformers' Idefics3Processor (SmolVLMProcessor when the checkpoint has video settings)
+    from the files in `directory`, with the PIL image processors (AutoProcessor needs torchvision)."""
+    import transformers
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from transformers.models.idefics3.processing_idefics3 import Idefics3Processor
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor
+
+    config = json.loads((directory / "preprocessor_config.json").read_text())
+    sampling = config.pop("video_sampling", None)
+    for key in ("image_processor_type", "processor_class"):
+        config.pop(key, None)
+    seq_len = json.loads((directory / "processor_config.json").read_text())["image_seq_len"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    template = tokenizer.chat_template
+    if template is None and (directory / "chat_template.json").exists():
+        template = json.loads((directory / "chat_template.json").read_text())["chat_template"]
+    if sampling is None:
+        return Idefics3Processor(
+            image_processor=Idefics3ImageProcessorPil(**config),
+            tokenizer=tokenizer,
+            image_seq_len=seq_len,
+            chat_template=template,
+        )
+
+    class ImageSmolVLMProcessor(SmolVLMProcessor):
+        """SmolVLMProcessor without its torchvision video processor (images only here)."""
+
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name != "video_processor":
+                return super().check_argument_for_proper_class(argument_name, argument)
+
+    video = types.SimpleNamespace(num_frames=sampling["max_frames"], fps=sampling["fps"])
+    return ImageSmolVLMProcessor(
+        image_processor=SmolVLMImageProcessorPil(**config),
+        tokenizer=tokenizer,
+        video_processor=video,
+        image_seq_len=seq_len,
+        chat_template=template,
+    )

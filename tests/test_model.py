@@ -173,16 +173,6 @@ def test_wrong_model_type_is_an_error(tmp_path):
         load_model(tmp_path)
 
 
-def test_missing_config_key_is_named(tmp_path):
-    config = tiny_config()
-    del config["text_config"]["hidden_size"]
-    write_config(tmp_path, config)
-    with pytest.raises(
-        ConfigError, match=r"config.json: missing required key 'text_config.hidden_size'"
-    ):
-        load_model(tmp_path)
-
-
 def test_truncated_safetensors_is_an_error(tmp_path):
     save_hf_checkpoint(tmp_path, tiny_config())
     file = tmp_path / "model.safetensors"

@@ -312,7 +312,7 @@ def test_token_ids_match_transformers(videos, processor):
     frames, metadata = hf_read(videos["clip"])
     expanded = text.replace("<video>", hf_video_prompt(metadata, len(frames)))
     expected = hf_tokenizer()(expanded)["input_ids"]
-    assert processor.apply_chat_template(messages, tokenize=True) == expected
+    assert processor.apply_chat_template(messages, tokenize=True) == [expected]
     assert len(expected) == 658  # 8 frames, as REFERENCE.md's 7.5 s clip
 
 
@@ -345,7 +345,7 @@ def test_sampling_overrides_per_call(videos, processor):
     assert (
         processor(text, videos=[videos["clip"]], fps=2, max_frames=5)["pixel_values"].shape[1] == 5
     )
-    ids = processor.apply_chat_template(messages, tokenize=True, fps=0.5)
+    (ids,) = processor.apply_chat_template(messages, tokenize=True, fps=0.5)
     assert ids.count(processor.image_token_id) == 4 * 64
     assert "series of four frames" in processor.tokenizer.decode(ids)
 
