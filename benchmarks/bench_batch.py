@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 import mlx_smolvlm  # noqa: F401  (loads the fast CPU BLAS before mlx)
-from mlx_smolvlm import load
-from mlx_smolvlm.batch import batch_generate
+from mlx_smolvlm import batch_generate, load
 from mlx_smolvlm.random_checkpoint import save_random_checkpoint
 
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[2] / "shared/models/SmolVLM-256M-Instruct"

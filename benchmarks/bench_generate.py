@@ -189,7 +189,7 @@ def mlx_vlm_checkpoint(python: str, source: Path, out: Path, args) -> Path:
 
 
 def run_worker(name: str, python: str, checkpoint: Path, args) -> dict:
-    env = {**os.environ, "MLX_SMOLVLM_QUIET": "1"}
+    env = dict(os.environ)
     if name == "mlx-vlm" and sys.platform == "linux":
         env["LD_PRELOAD"] = OPENBLAS  # the same optimized BLAS mlx-smolvlm loads itself
     cmd = [python, __file__, "--worker", name, "--checkpoint", str(checkpoint),

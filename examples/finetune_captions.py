@@ -19,9 +19,8 @@ from pathlib import Path
 import click
 from PIL import Image, ImageDraw
 
-from mlx_smolvlm import load
-from mlx_smolvlm.generate import generate
-from mlx_smolvlm.trainer import run_training
+from mlx_smolvlm import generate, load
+from mlx_smolvlm.lora import run_training
 
 COLOURS = {
     "red": (220, 30, 30),

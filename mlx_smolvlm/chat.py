@@ -8,6 +8,7 @@ so far included; Ctrl-C at the prompt clears the line; Ctrl-D or /exit leaves.
 
 from __future__ import annotations
 
+import atexit
 import signal
 import sys
 from collections.abc import Iterator
@@ -16,19 +17,20 @@ from typing import Any
 
 import click
 
-from .generate import (
-    GenerationResult,
-    PromptCache,
-    image_kwargs_from_cli,
+from .backends.cpu import report
+from .generation import GenerationResult, PromptCache, stream_generate
+from .generation.generate import print_stats
+from .loading import load
+from .processing.image import load_images
+from .utils.options import (
+    dtype_option,
+    image_kwargs,
     image_options,
-    load_images,
-    model_options,
-    print_stats,
-    sampling_kwargs,
+    kv_cache_options,
+    model_option,
     sampling_options,
-    stream_generate,
-    terminal_progress,
 )
+from .utils.progress import terminal_progress
 
 PROMPT = ">> "
 COMMANDS = {
@@ -49,8 +51,6 @@ def setup_readline(history_file: Path | None) -> None:
         return
     if history_file is None:
         return
-    import atexit
-
     try:
         readline.read_history_file(history_file)
     except (FileNotFoundError, OSError):
@@ -131,7 +131,7 @@ def answer(vlm, processor, messages: list[dict], **kwargs) -> tuple[str, Generat
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@model_options
+@model_option(adapter_default=True)
 @click.option("--image", multiple=True, help="Image(s) for the first message; repeat for several.")
 @click.option("--system", default=None, help="System prompt.")
 @click.option(
@@ -142,7 +142,14 @@ def answer(vlm, processor, messages: list[dict], **kwargs) -> tuple[str, Generat
     help="Most tokens per answer.",
 )
 @sampling_options
+@click.option(
+    "--adapter-path",
+    default=None,
+    help="LoRA adapters to apply; their base model and image settings are the defaults.",
+)
+@dtype_option()
 @image_options
+@kv_cache_options
 @click.option(
     "--history-file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -152,35 +159,33 @@ def answer(vlm, processor, messages: list[dict], **kwargs) -> tuple[str, Generat
 @click.option(
     "--verbose/--quiet",
     default=None,
-    help="Statistics after each answer / no progress lines either [default: progress only].",
+    help="Statistics and the backend's choices after each answer / no progress line either "
+    "[default: the progress line only].",
 )
 def main(
     model,
-    adapter_path,
-    dtype,
     image,
     system,
     max_tokens,
+    adapter_path,
+    dtype,
     resize_shape,
-    image_splitting,
-    longest_edge,
-    max_tiles,
-    no_upscale,
+    kv_bits,
+    max_kv_size,
     history_file,
     verbose,
-    **sampling,
+    **options,
 ):
     """Chat with a SmolVLM model about one or more images."""
-    from .loading import load
-
-    options = {
+    generation = {
         "max_tokens": max_tokens,
         "system": system,
+        "kv_bits": int(kv_bits) if kv_bits else None,
         "progress": terminal_progress(verbose is not False),
-        **image_kwargs_from_cli(resize_shape, image_splitting, longest_edge, max_tiles, no_upscale),
-        **sampling_kwargs(**sampling),
+        **{k: options.pop(k) for k in ("temperature", "top_p", "top_k", "min_p")},
+        **{k: options.pop(k) for k in ("repetition_penalty", "seed")},
     }
-    max_kv_size = options.pop("max_kv_size")
+    generation.update(image_kwargs(**options))
     try:
         pending = load_images(image, resize_shape)
         vlm, processor = load(model, adapter_path=adapter_path, dtype=dtype)
@@ -222,7 +227,9 @@ def main(
         messages.append(user_message(line, pending))
         pending = []
         try:
-            text, result, stopped = answer(vlm, processor, messages, prompt_cache=cache, **options)
+            text, result, stopped = answer(
+                vlm, processor, messages, prompt_cache=cache, **generation
+            )
         except ValueError as e:  # e.g. an image the processor cannot take
             messages.pop()
             print(f"Error: {e}", flush=True)
@@ -230,6 +237,7 @@ def main(
         messages.append(assistant_message(text))
         if verbose and not stopped:
             print_stats(result)
+            click.echo(report(vlm), err=True)
 
 
 if __name__ == "__main__":

@@ -5,23 +5,23 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
-import tempfile
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 import mlx.core as mx
 import mlx.nn as nn
+from huggingface_hub import HfApi
 from mlx.utils import tree_flatten
+from mlx_lm.utils import dequantize_model as mlx_lm_dequantize
+from mlx_lm.utils import quantize_model as mlx_lm_quantize
 from tqdm import tqdm
 
-from .config import ConfigError, load_config
-from .loading import DTYPES, get_model_path, load_model, load_weights
-from .model import Model
+from . import __version__
+from .loading import DTYPES, copy_side_files, get_model_path, load_model, load_weights, stored_dtype
+from .model import ConfigError, Model, load_config
+from .utils import atomic
+from .utils.options import dtype_option
 
 QUANT_BITS = (2, 3, 4, 6, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -29,9 +29,6 @@ MAX_SHARD_BYTES = 5 << 30
 # The vision tower and connector stay float unless asked: their error reaches every image
 # token, and quantizing them roughly doubles the 4-bit drift (see tests/test_convert.py).
 VISION_PREFIXES = ("vision_model.", "connector.")
-# Tokenizer, processor, chat template and generation files travel with the weights.
-SIDE_FILE_PATTERNS = ("*.json", "*.txt", "*.jinja", "tokenizer.model")
-NOT_COPIED = {"config.json", "model.safetensors.index.json"}
 REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -60,10 +57,9 @@ def convert(
 ) -> Path:
     """Convert `hf_path` (a directory or Hub id) into an MLX checkpoint at `mlx_path`."""
     check_options(dtype, quantize, q_bits, q_group_size, quantize_vision, dequantize, upload_repo)
-    target = check_target(Path(mlx_path).expanduser(), force)
+    target = Path(mlx_path).expanduser()
     source = find_source(hf_path, revision)
-    if source.resolve() == target.resolve():
-        raise ConvertError("--mlx-path", f"{target} is the source checkpoint itself")
+    check_target(target, force, source)
     model, raw, dtype = read_model(source, dtype, quantize, dequantize)
     quantization = raw.get("quantization") or raw.get("quantization_config")
     if quantize:
@@ -109,13 +105,13 @@ def check_options(
         raise ConvertError("--upload-repo", f"{upload_repo!r} is not a Hub repo id (owner/name)")
 
 
-def check_target(target: Path, force: bool) -> Path:
-    """The output directory, refusing an existing one unless `force`."""
-    if target.exists() and not target.is_dir():
-        raise ConvertError("--mlx-path", f"{target} exists and is not a directory")
-    if target.exists() and not force:
-        raise ConvertError("--mlx-path", f"{target} already exists; pass --force to replace it")
-    return target
+def check_target(target: Path, force: bool, source: Path) -> None:
+    """Refuse an output folder that may not be written (see `utils.atomic`)."""
+    atomic.recover(target)
+    try:
+        atomic.check_target(target, force, source)
+    except atomic.TargetError as e:
+        raise ConvertError("--mlx-path", str(e)) from e
 
 
 def find_source(hf_path: str | Path, revision: str | None) -> Path:
@@ -149,10 +145,8 @@ def read_model(
 
 def source_dtype(source: Path, raw: dict) -> str:
     """The checkpoint's float dtype: from config.json, else from its first float tensor."""
-    for section in (raw, raw.get("text_config") or {}):
-        for key in ("torch_dtype", "dtype"):
-            if section.get(key) in DTYPES:
-                return section[key]
+    if stored := stored_dtype(raw):
+        return stored
     names = {v: k for k, v in DTYPES.items()}
     for value in load_weights(source).values():
         if value.dtype in names:
@@ -166,7 +160,6 @@ def quantize_model(model: Model, group_size: int, bits: int, quantize_vision: bo
     Layers left in float are listed as `false`, which both mlx-lm's and mlx-vlm's loaders
     read as "not quantized" (mlx-vlm's would otherwise guess from the weight size).
     """
-    from mlx_lm.utils import quantize_model as mlx_lm_quantize
 
     def predicate(path: str, module: nn.Module) -> bool:
         # mlx-lm's wrapper already skips layers whose input dims the group size does not divide.
@@ -182,8 +175,6 @@ def quantize_model(model: Model, group_size: int, bits: int, quantize_vision: bo
 
 def dequantize_model(model: Model) -> None:
     """Replace quantized layers with float ones in place."""
-    from mlx_lm.utils import dequantize_model as mlx_lm_dequantize
-
     mlx_lm_dequantize(model)
 
 
@@ -216,44 +207,16 @@ def write_checkpoint(
     max_shard_bytes: int,
 ) -> None:
     """Write weights, config, side files and model card into `target`, all or nothing."""
-    with staging(target, force) as tmp:
-        write_weights(tmp, model, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n")
-        copy_side_files(source, tmp)
-        write_model_card(tmp, target.name, hf_path, config)
-
-
-@contextmanager
-def staging(target: Path, force: bool) -> Iterator[Path]:
-    """A temporary directory beside `target` that replaces it only once the block completes."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory, so same filesystem: the final rename is atomic.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_directory(tmp, target, force)
-
-
-def replace_directory(new: Path, target: Path, force: bool) -> None:
-    """Rename `new` to `target`; an existing target is moved aside first and deleted after."""
-    if not target.exists():
-        new.rename(target)
-        return
-    if not force:
-        shutil.rmtree(new, ignore_errors=True)
-        raise ConvertError("--mlx-path", f"{target} appeared during the conversion")
-    old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
-    target.rename(old)
-    try:
-        new.rename(target)
-    except BaseException:
-        old.rename(target)
-        shutil.rmtree(new, ignore_errors=True)
-        raise
-    shutil.rmtree(old)
+        with atomic.model_folder(target, force, source) as tmp:
+            write_weights(tmp, model, max_shard_bytes)
+            (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n")
+            copy_side_files(source, tmp)
+            write_model_card(tmp, target.name, hf_path, config)
+    except atomic.TargetError as e:
+        raise ConvertError("--mlx-path", str(e)) from e
+    except OSError as e:
+        raise ConvertError("--mlx-path", f"cannot write {target}: {e}") from e
 
 
 def write_weights(out: Path, model: Model, max_shard_bytes: int) -> None:
@@ -294,18 +257,8 @@ def save_shard(file: Path, shard: dict[str, mx.array]) -> None:
     mx.save_safetensors(str(file), shard, metadata={"format": "mlx"})
 
 
-def copy_side_files(source: Path, out: Path) -> None:
-    """Copy the tokenizer, processor, chat template and generation config files."""
-    for pattern in SIDE_FILE_PATTERNS:
-        for file in source.glob(pattern):
-            if file.is_file() and file.name not in NOT_COPIED:
-                shutil.copy2(file, out / file.name)
-
-
 def write_model_card(out: Path, name: str, hf_path: str, config: dict) -> None:
     """A short README.md saying where the weights came from and how to use them."""
-    from . import __version__
-
     base = "" if Path(hf_path).expanduser().exists() else f"base_model: {hf_path}\n"
     form = dtype = config["torch_dtype"]
     if quantization := config.get("quantization"):
@@ -326,8 +279,7 @@ Converted to MLX ({form}) from `{hf_path}` with mlx-smolvlm {__version__}.
 from mlx_smolvlm import generate, load
 
 model, processor = load("path/to/this/model")
-result = generate(model, processor, "Describe the image.", image="image.jpg", max_tokens=128)
-print(result.text)
+print(generate(model, processor, "Describe the image.", image=["image.jpg"], max_tokens=128).text)
 ```
 """
     (out / "README.md").write_text(card)
@@ -335,8 +287,6 @@ print(result.text)
 
 def upload(path: Path, repo: str) -> None:
     """Create `repo` on the Hub if needed and upload the converted folder."""
-    from huggingface_hub import HfApi
-
     api = HfApi()
     api.create_repo(repo, exist_ok=True)
     api.upload_folder(folder_path=str(path), repo_id=repo, repo_type="model")
@@ -349,12 +299,7 @@ def _to_int(ctx: click.Context, param: click.Parameter, value: str) -> int:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--hf-path", required=True, help="Source checkpoint: a local directory or Hub id.")
 @click.option("--mlx-path", default="mlx_model", show_default=True, help="Output directory.")
-@click.option(
-    "--dtype",
-    type=click.Choice(list(DTYPES)),
-    default=None,
-    help="Float dtype of the output (default: the checkpoint's own).",
-)
+@dtype_option(help="Float dtype of the output (default: the checkpoint's own).")
 @click.option("-q", "--quantize", is_flag=True, help="Quantize the weights.")
 @click.option(
     "--q-bits",

@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 import glob
+import shutil
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from huggingface_hub import snapshot_download
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig
-from .config import load_config as read_config
-from .lora import adapter_base_model, apply_adapters, apply_image_settings, read_adapter_config
-from .model import Model
-
-DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
+from .model import Model, ModelConfig
+from .model import load_config as read_config
+from .processing import Processor
+from .tuner.adapters import (
+    adapter_base_model,
+    apply_adapters,
+    apply_image_settings,
+    read_adapter_config,
+)
+from .utils.options import DEFAULT_MODEL
 
 # Files a checkpoint needs: weights, configs, tokenizer and chat template.
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
+# Tokenizer, processor, chat template and generation files travel with converted weights.
+SIDE_FILE_PATTERNS = ("*.json", "*.txt", "*.jinja", "tokenizer.model")
+NOT_COPIED = {"config.json", "model.safetensors.index.json"}
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -33,8 +42,6 @@ def get_model_path(path_or_repo: str | Path, revision: str | None = None) -> Pat
     repo = str(path_or_repo)
     if repo.startswith((".", "/", "~")) or repo.count("/") != 1:
         raise FileNotFoundError(f"{repo} does not exist and is not a Hub repo id (owner/name)")
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=CHECKPOINT_PATTERNS))
     except Exception as e:
@@ -55,6 +62,23 @@ def load_weights(model_path: Path) -> dict[str, mx.array]:
         except Exception as e:
             raise ValueError(f"{file}: cannot read safetensors ({e}); is it truncated?") from e
     return weights
+
+
+def stored_dtype(raw: dict) -> str | None:
+    """The float dtype a config.json names (at the top or in text_config), if any."""
+    for section in (raw, raw.get("text_config") or {}):
+        for key in ("torch_dtype", "dtype"):
+            if section.get(key) in DTYPES:
+                return section[key]
+    return None
+
+
+def copy_side_files(source: Path, out: Path) -> None:
+    """Copy the tokenizer, processor, chat template and generation config files."""
+    for pattern in SIDE_FILE_PATTERNS:
+        for file in source.glob(pattern):
+            if file.is_file() and file.name not in NOT_COPIED:
+                shutil.copy2(file, out / file.name)
 
 
 def resolve_dtype(dtype: str | mx.Dtype | None, stored: str | None = None) -> mx.Dtype:
@@ -175,8 +199,6 @@ def load(
     With `adapter_path`, the model defaults to the adapters' recorded base model and the
     processor's image defaults become those the adapters were trained with.
     """
-    from .processing import Processor
-
     path_or_repo, settings = resolve_model(path_or_repo, adapter_path)
     model_path = get_model_path(path_or_repo, revision)
     model = load_model(model_path, dtype=dtype, lazy=True)

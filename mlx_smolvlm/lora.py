@@ -1,248 +1,142 @@
-"""LoRA adapters: which layers get them, saving and loading them, and the fine-tuning CLI.
+"""`python -m mlx_smolvlm.lora`: fine-tune LoRA adapters (QLoRA when the model is quantized).
 
-`python -m mlx_smolvlm.lora --model ... --data ...` trains adapters (QLoRA when the model
-is quantized); `apply_adapters` puts saved ones back on a loaded model. The training loop
-lives in `mlx_smolvlm.trainer`.
+`run_training` is what the command does: read and check the data, load the model, add LoRA,
+train (`tuner.trainer`), save. `load(..., adapter_path=...)` puts the adapters back on a model.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
+import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import click
 import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.tuner.lora import LoRALinear
+from mlx.utils import tree_flatten
 
-ADAPTER_FILE = "adapters.safetensors"
-CONFIG_FILE = "adapter_config.json"
-ADAPTER_FORMAT = "mlx-smolvlm-lora"
-LINEAR = (nn.Linear, nn.QuantizedLinear)
-CONNECTOR_MODULE = "connector.modality_projection.proj"
-DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
-
-
-class AdapterError(ValueError):
-    """A missing or unusable adapter directory; the message names the file at fault."""
-
-
-def parse_targets(target_modules: str | list[str] | tuple[str, ...]) -> list[str] | None:
-    """Module names from a comma-separated string; None ("all") means every linear layer."""
-    if isinstance(target_modules, str):
-        target_modules = [t.strip() for t in target_modules.split(",")]
-    targets = [t for t in target_modules if t]
-    if not targets or targets == ["all"]:
-        return None
-    return targets
+from .loading import get_model_path, load_model
+from .processing.processor import Processor
+from .tuner.adapters import (
+    ADAPTER_FORMAT,
+    AdapterError,
+    add_lora,
+    lora_parameters,
+    recorded_base,
+    select_modules,
+)
+from .tuner.datasets import TrainingError, data_files, load_dataset, warn_upscaled_images
+from .tuner.trainer import (
+    DEFAULT_ITERS,
+    SCHEDULES,
+    TrainingArgs,
+    check_resumable,
+    train,
+)
+from .tuner.trainer import learning_rate as learning_rate_schedule
+from .utils.options import dtype_option, image_kwargs, model_option, tiling_options
 
 
-def select_modules(
-    model: nn.Module,
-    num_layers: int = -1,
-    target_modules: str | list[str] = "all",
+def run_training(
+    model: str,
+    data: str,
+    valid_data: str | None = None,
+    iters: int | None = None,
+    epochs: int | None = None,
+    batch_size: int = 4,
+    learning_rate: float = 1e-4,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    lora_layers: int = -1,
+    target_modules: str = "all",
     train_vision: bool = False,
-) -> list[str]:
-    """Paths of the linear layers to put LoRA on: those named by `target_modules` in the
-    last `num_layers` decoder blocks (-1: all), and with `train_vision` in every vision
-    block plus the connector's projection."""
-    decoder = model.language_model.layers
-    first = 0 if num_layers < 0 else max(len(decoder) - num_layers, 0)
-    blocks = [f"language_model.layers.{i}." for i in range(first, len(decoder))]
-    if train_vision:
-        vision = model.vision_model.encoder.layers
-        blocks += [f"vision_model.encoder.layers.{i}." for i in range(len(vision))]
-    candidates = [
-        path
-        for path, module in model.named_modules()
-        if isinstance(module, LINEAR) and path.startswith(tuple(blocks))
-    ]
-    targets = parse_targets(target_modules)
-    paths = candidates
-    if targets is not None:
-        if unmatched := [t for t in targets if not any(_matches(p, t) for p in candidates)]:
-            known = sorted({p.rsplit(".", 1)[-1] for p in candidates})
-            raise ValueError(f"--target-modules {unmatched} match no layer; known names: {known}")
-        paths = [p for p in candidates if any(_matches(p, t) for t in targets)]
-    if train_vision:
-        paths.append(CONNECTOR_MODULE)  # the projection into the decoder always adapts
-    return sorted(paths)
-
-
-def _matches(path: str, target: str) -> bool:
-    """A target names a module by its last path components ("q_proj", "self_attn.q_proj")."""
-    return path == target or path.endswith("." + target)
-
-
-def lora_parameters(rank: int, alpha: float, dropout: float) -> dict[str, float]:
-    """The LoRA hyperparameters as stored in adapter_config.json (scale = alpha / rank)."""
-    return {"rank": rank, "alpha": alpha, "scale": alpha / rank, "dropout": dropout}
-
-
-def add_lora(model: nn.Module, modules: list[str], params: dict[str, Any]) -> None:
-    """Wrap the linear layers at `modules` in mlx-lm's LoRALinear (quantized ones too)."""
-    found = dict(model.named_modules())
-    wrapped = []
-    for path in modules:
-        layer = found.get(path)
-        if not isinstance(layer, LINEAR):
-            kind = "missing" if layer is None else type(layer).__name__
-            raise ValueError(f"cannot put LoRA on {path}: it is {kind}, not a linear layer")
-        lora = LoRALinear.from_base(
-            layer,
-            r=int(params["rank"]),
-            scale=float(params["scale"]),
-            dropout=float(params["dropout"]),
-        )
-        wrapped.append((path, lora))
-    model.update_modules(tree_unflatten(wrapped))
-    # New modules start in training mode; follow the model's (dropout is off in eval).
-    model.train(model.training)
-
-
-def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
-    """The LoRA matrices of `model`, by parameter path."""
-    return {
-        name: value
-        for name, value in tree_flatten(model.parameters())
-        if name.endswith((".lora_a", ".lora_b"))
+    grad_checkpoint: bool = False,
+    max_seq_length: int = 2048,
+    save_every: int = 100,
+    resume: bool = False,
+    adapter_path: str = "adapters",
+    seed: int = 0,
+    steps_per_eval: int = 100,
+    val_batches: int = 25,
+    train_on_all: bool = False,
+    dtype: str | None = None,
+    no_image_splitting: bool = False,
+    longest_edge: int | None = None,
+    max_tiles: int | None = None,
+    grad_accumulation: int = 1,
+    lr_schedule: str = "constant",
+    warmup: int = 0,
+    compile: bool = True,
+    progress: bool = True,
+) -> list[dict]:
+    """Everything `python -m mlx_smolvlm.lora` does: check data, add LoRA, train, save."""
+    if iters is not None and epochs is not None:
+        raise TrainingError("give --iters or --epochs, not both")
+    kwargs = image_kwargs(no_image_splitting, longest_edge, max_tiles)
+    path = get_model_path(model)
+    processor = Processor.from_pretrained(path)
+    train_file, valid_file = data_files(data, valid_data)
+    train_set = load_dataset(train_file, processor, max_seq_length, kwargs, train_on_all)
+    valid_set = (
+        load_dataset(valid_file, processor, max_seq_length, kwargs, train_on_all)
+        if valid_file
+        else []
+    )
+    warn_upscaled_images(train_set, processor)
+    vlm = load_model(path, dtype=dtype)
+    config = {
+        "format": ADAPTER_FORMAT,
+        "fine_tune_type": "lora",
+        "base_model": recorded_base(model),
+        "lora_parameters": lora_parameters(lora_rank, lora_alpha, lora_dropout),
+        "modules": select_modules(vlm, lora_layers, target_modules, train_vision),
+        "num_layers": lora_layers,
+        "target_modules": target_modules,
+        "train_vision": train_vision,
+        "train_on_all": train_on_all,
+        "max_seq_length": max_seq_length,
+        "image_kwargs": kwargs,
     }
-
-
-def atomic_write_text(file: Path, text: str) -> None:
-    """Write `file` through a temporary file and a rename, so readers never see half of it."""
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, file)
-
-
-def atomic_save_safetensors(
-    file: Path, arrays: dict[str, mx.array], metadata: dict | None = None
-) -> None:
-    """`mx.save_safetensors` through a temporary file and a rename."""
-    # mx.save_safetensors appends ".safetensors" to names without it.
-    tmp = file.with_name(f".{file.stem}.{os.getpid()}.tmp.safetensors")
-    mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
-    os.replace(tmp, file)
-
-
-def save_adapters(model: nn.Module, adapter_path: str | Path, config: dict[str, Any]) -> None:
-    """Write adapters.safetensors and adapter_config.json into `adapter_path` atomically."""
-    path = Path(adapter_path)
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(path / ADAPTER_FILE, adapter_weights(model), {"format": "mlx"})
-    atomic_write_text(path / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-
-
-def read_adapter_config(adapter_path: str | Path) -> dict[str, Any]:
-    """adapter_config.json of `adapter_path`, checked for the keys `apply_adapters` needs."""
-    path = Path(adapter_path)
-    if not path.is_dir():
-        raise AdapterError(f"adapter directory {path} does not exist")
-    file = path / CONFIG_FILE
-    if not file.exists():
-        raise AdapterError(f"{file} not found: {path} is not an mlx-smolvlm adapter directory")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{file}: invalid JSON ({e})") from e
-    if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
-        raise AdapterError(f"{file}: not an {ADAPTER_FORMAT} adapter config")
-    params = config.get("lora_parameters")
-    if not isinstance(params, dict) or not {"rank", "scale", "dropout"} <= set(params):
-        raise AdapterError(f"{file}: lora_parameters needs rank, scale and dropout")
-    if not isinstance(config.get("modules"), list) or not config["modules"]:
-        raise AdapterError(f"{file}: 'modules' must list the adapted layers")
-    return config
-
-
-def same_model(a: str | Path, b: str | Path) -> bool:
-    """Whether two model names (local folders or Hub repo ids) name the same checkpoint."""
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    if pa.exists() and pb.exists():
-        return pa.resolve() == pb.resolve()
-    return str(a).rstrip("/") == str(b).rstrip("/")
-
-
-def adapter_base_model(
-    adapter_path: str | Path, config: dict[str, Any], model: str | Path | None
-) -> str | Path:
-    """The model to load under adapters: `model` if given (a differing recorded base is
-    reported on stderr), else the base recorded in adapter_config.json."""
-    base = config.get("base_model")
-    if model is None:
-        if not base:
-            raise AdapterError(
-                f"{Path(adapter_path) / CONFIG_FILE} records no base_model: pass --model"
-            )
-        return base
-    if base and not same_model(model, base):
-        print(
-            f"Warning: the adapters in {adapter_path} were trained on {base}, "
-            f"but --model is {model}",
-            file=sys.stderr,
-        )
-    return model
-
-
-def apply_image_settings(image_processor: Any, settings: dict[str, Any]) -> None:
-    """Make an adapter's training image settings the image processor's defaults."""
-    if "do_image_splitting" in settings:
-        image_processor.do_image_splitting = bool(settings["do_image_splitting"])
-    if settings.get("longest_edge") is not None:
-        image_processor.size = {"longest_edge": int(settings["longest_edge"])}
-    if settings.get("max_tiles") is not None:
-        image_processor.max_tiles = int(settings["max_tiles"])
-    if "upscale" in settings:
-        image_processor.upscale = bool(settings["upscale"])
-
-
-def load_adapter_weights(model: nn.Module, file: Path) -> None:
-    """Load LoRA matrices from `file`, requiring exactly the model's adapter parameters."""
-    if not file.exists():
-        raise AdapterError(f"{file} not found")
-    try:
-        weights = mx.load(str(file))
-    except Exception as e:  # mlx raises a bare RuntimeError/ValueError on bad files
-        raise AdapterError(f"{file}: cannot read safetensors ({e})") from e
-    expected = adapter_weights(model)
-    missing = sorted(set(expected) - set(weights))
-    extra = sorted(set(weights) - set(expected))
-    if missing or extra:
-        raise AdapterError(
-            f"{file} does not fit {CONFIG_FILE}: missing {missing[:4]}, unexpected {extra[:4]}"
-        )
-    for name, value in weights.items():
-        if value.shape != expected[name].shape:
-            raise AdapterError(
-                f"{file}: {name} has shape {tuple(value.shape)}, "
-                f"the model expects {tuple(expected[name].shape)}"
-            )
-    model.load_weights(list(weights.items()), strict=False)
-
-
-def apply_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
-    """Wrap the layers named in adapter_config.json with LoRA and load adapters.safetensors."""
-    config = read_adapter_config(adapter_path)
-    try:
-        add_lora(model, config["modules"], config["lora_parameters"])
-    except ValueError as e:
-        raise AdapterError(f"{Path(adapter_path) / CONFIG_FILE}: {e}") from e
-    load_adapter_weights(model, Path(adapter_path) / ADAPTER_FILE)
-    return model
+    if not config["modules"]:
+        raise TrainingError("no layer gets LoRA: check --lora-layers and --target-modules")
+    check_resumable(Path(adapter_path), resume, config)
+    mx.random.seed(seed)  # LoRA initialization
+    vlm.freeze()
+    add_lora(vlm, config["modules"], config["lora_parameters"])
+    if epochs is not None:
+        iters = epochs * math.ceil(len(train_set) / (batch_size * grad_accumulation))
+    args = TrainingArgs(
+        iters=iters or DEFAULT_ITERS,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        steps_per_eval=steps_per_eval,
+        val_batches=val_batches,
+        save_every=save_every,
+        grad_checkpoint=grad_checkpoint,
+        seed=seed,
+        grad_accumulation=grad_accumulation,
+        lr_schedule=lr_schedule,
+        warmup=warmup,
+        compile=compile,
+    )
+    learning_rate_schedule(args)  # a bad schedule is reported before training starts
+    trainable = sum(v.size for _, v in tree_flatten(vlm.trainable_parameters()))
+    total = sum(v.size for _, v in tree_flatten(vlm.parameters()))
+    print(
+        f"{len(train_set)} training / {len(valid_set)} validation records; LoRA on "
+        f"{len(config['modules'])} layers: {trainable / 1e6:.3f}M trainable parameters "
+        f"({100 * trainable / total:.2f}%); {args.iters} steps ({asdict(args)})"
+    )
+    history = train(
+        vlm, processor, train_set, valid_set, args, adapter_path, config, kwargs, resume, progress
+    )
+    print(f"Saved adapters to {adapter_path}")
+    return history
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--model",
-    default=DEFAULT_MODEL,
-    show_default=True,
-    help="Hub repo id or local path (quantized: QLoRA).",
-)
+@model_option(help="Hub repo id or local path (quantized: QLoRA).")
 @click.option(
     "--data",
     required=True,
@@ -272,6 +166,33 @@ def apply_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
 )
 @click.option(
     "--learning-rate", type=float, default=1e-4, show_default=True, help="Adam learning rate."
+)
+@click.option(
+    "--lr-schedule",
+    type=click.Choice(SCHEDULES),
+    default="constant",
+    show_default=True,
+    help="Learning rate after the warm-up: constant, or decaying to 0 at the last step.",
+)
+@click.option(
+    "--warmup",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Steps of linear warm-up from 0 to --learning-rate.",
+)
+@click.option(
+    "--grad-accumulation",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Batches whose gradients are averaged into each step (effective batch size x N).",
+)
+@click.option(
+    "--compile/--no-compile",
+    default=True,
+    show_default=True,
+    help="Compile the training step (model, optimizer and random state) with mx.compile.",
 )
 @click.option(
     "--lora-rank", type=click.IntRange(min=1), default=8, show_default=True, help="LoRA rank r."
@@ -358,24 +279,10 @@ def apply_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
     is_flag=True,
     help="Loss on every text token, not only the assistant's answers.",
 )
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
-    default=None,
-    help="Compute dtype of the base model.",
-)
-@click.option("--no-image-splitting", is_flag=True, help="Encode each image as one tile.")
-@click.option(
-    "--longest-edge",
-    type=int,
-    default=None,
-    help="Resize images to this longest edge before tiling.",
-)
-@click.option("--max-tiles", type=int, default=None, help="At most this many tiles per image.")
+@dtype_option(help="Compute dtype of the base model.")
+@tiling_options
 def main(**options: Any) -> None:
     """Fine-tune LoRA adapters for a SmolVLM model on image-text conversations."""
-    from .trainer import TrainingError, run_training
-
     try:
         run_training(**options)
     except (TrainingError, AdapterError, FileNotFoundError, ValueError) as e:

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from .fuse import staging
+from .utils import atomic
 
 # Files of a checkpoint that travel with random weights (config.json is written by transformers).
 SIDE_SUFFIXES = (".json", ".txt", ".jinja")
@@ -105,8 +105,7 @@ def save_random_checkpoint(
         raise ValueError(f"{file}: model_type {config.get('model_type')!r} is not idefics3/smolvlm")
     if layers is not None and layers < 1:
         raise ValueError(f"--layers must be at least 1, got {layers}")
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    atomic.check_target(out, force, config_dir, "OUT")
     try:
         import torch  # optional dependency
         import transformers  # noqa: F401  (optional dependency)
@@ -114,7 +113,7 @@ def save_random_checkpoint(
         raise ImportError(MISSING_TORCH) from e
     model = hf_model(shrink(config, tiny, layers), seed)
     model = model.to(getattr(torch, dtype))
-    with staging(out) as tmp:
+    with atomic.model_folder(out, force, config_dir, "OUT") as tmp:
         model.save_pretrained(tmp)
         copy_tokenizer_files(config_dir, tmp)
     return out

@@ -9,9 +9,6 @@ at a time through `batch_stream_generate` when they arrive within `--batch-windo
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import itertools
 import json
 import queue
@@ -19,7 +16,6 @@ import sys
 import threading
 import time
 import traceback
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,11 +26,15 @@ from typing import Any
 import click
 from PIL import Image
 
-from .batch import SamplingParams, batch_stream_generate, render_prompt
-from .generate import MODEL_HELP, GenerationResult, image_kwargs_from_cli
-from .processing import IMAGE_TOKEN
+from .generation import GenerationResult, SamplingParams, batch_stream_generate
+from .generation.generate import render_prompt
+from .loading import load, resolve_model
+from .processing.fetch import FetchError, FetchLimits, open_image
+from .processing.image import load_image
+from .processing.messages import MessageError, request_messages
+from .processing.processor import IMAGE_TOKEN
+from .utils.options import dtype_option, image_kwargs, model_option, tiling_options
 
-ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 4
 
 
@@ -164,38 +164,10 @@ def _stop_strings(stop: Any) -> tuple[str, ...]:
 
 def _messages(messages: Any, limits: Limits) -> list[dict]:
     """Checked messages with each image part replaced by the loaded image."""
-    if not isinstance(messages, list) or not messages:
-        raise ApiError("messages must be a non-empty list", param="messages")
-    out = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise ApiError(f"{where} must be an object with a role in {ROLES}", param=where)
-        content = message.get("content")
-        if isinstance(content, list):
-            content = [
-                _part(part, f"{where}.content[{j}]", limits) for j, part in enumerate(content)
-            ]
-        elif not isinstance(content, str):
-            raise ApiError(f"{where}.content must be a string or a list of parts", param=where)
-        out.append({"role": message["role"], "content": content})
-    return out
-
-
-def _part(part: Any, where: str, limits: Limits) -> dict:
-    """One content part: text stays, an image_url part becomes an image part."""
-    kind = part.get("type") if isinstance(part, dict) else None
-    if kind == "text" and isinstance(part.get("text"), str):
-        return {"type": "text", "text": part["text"]}
-    if kind == "image_url":
-        url = part.get("image_url")
-        url = url.get("url") if isinstance(url, dict) else url
-        if not isinstance(url, str) or not url:
-            raise ApiError(f"{where}.image_url.url must be a string", param=where)
-        return {"type": "image", "image": fetch_image(url, limits, where)}
-    raise ApiError(
-        f"{where} must be a text part with a string 'text' or an image_url part", param=where
-    )
+    try:
+        return request_messages(messages, lambda url, where: fetch_image(url, limits, where))
+    except MessageError as e:
+        raise ApiError(str(e), param=e.where) from e
 
 
 # ---------------------------------------------------------------------------
@@ -204,78 +176,19 @@ def _part(part: Any, where: str, limits: Limits) -> dict:
 
 def fetch_image(url: str, limits: Limits, where: str = "image_url") -> Image.Image:
     """Load a data URL, an http(s) URL or an allow-listed local file within the size limits."""
-    if url.startswith("data:"):
-        data = _data_url_bytes(url, where)
-    elif url.startswith(("http://", "https://")):
-        if not limits.remote_images:
-            raise ApiError(
-                f"{where}: this server does not fetch image URLs (--no-remote-images); "
-                "send the image as a data: URL",
-                param=where,
-            )
-        data = _download(url, limits.max_image_bytes, where)
-    else:
-        data = _local_file(url, limits, where)
-    if len(data) > limits.max_image_bytes:
-        raise _too_large(where, f"more than {limits.max_image_bytes} bytes")
-    return _decode_image(data, limits.max_image_pixels, where)
-
-
-def _too_large(where: str, what: str) -> ApiError:
-    return ApiError(f"{where}: the image is too large ({what})", 413, where, "image_too_large")
-
-
-def _data_url_bytes(url: str, where: str) -> bytes:
-    header, _, payload = url.partition(",")
-    if not header.startswith("data:image/") or not header.endswith(";base64"):
-        raise ApiError(f"{where}: expected a data:image/...;base64, URL", param=where)
+    fetch_limits = FetchLimits(
+        max_bytes=limits.max_image_bytes,
+        max_pixels=limits.max_image_pixels,
+        remote=limits.remote_images,
+        local=limits.allowed_image_dir is not None,
+        allowed_dir=limits.allowed_image_dir,
+    )
     try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ApiError(f"{where}: invalid base64 image data ({e})", param=where) from e
-
-
-def _download(url: str, max_bytes: int, where: str) -> bytes:
-    """The bytes behind an http(s) URL, reading no more than the limit allows."""
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            # One byte past the limit is enough to know the image is too large.
-            return response.read(max_bytes + 1)
-    except (OSError, ValueError) as e:
-        raise ApiError(f"{where}: cannot download {url}: {e}", param=where) from e
-
-
-def _local_file(url: str, limits: Limits, where: str) -> bytes:
-    """An image file inside the allow-listed directory (relative paths start there)."""
-    if limits.allowed_image_dir is None:
-        raise ApiError(
-            f"{where}: local image paths are disabled (start the server with "
-            "--allowed-image-dir); send a data: or http(s) URL",
-            param=where,
-        )
-    allowed = limits.allowed_image_dir.resolve()
-    path = (allowed / Path(url.removeprefix("file://")).expanduser()).resolve()
-    if not path.is_relative_to(allowed) or not path.is_file():
-        raise ApiError(f"{where}: no image file {url} in the allowed directory", param=where)
-    if path.stat().st_size > limits.max_image_bytes:
-        raise _too_large(where, f"more than {limits.max_image_bytes} bytes")
-    return path.read_bytes()
-
-
-def _decode_image(data: bytes, max_pixels: int, where: str) -> Image.Image:
-    """Decode image bytes, refusing images with more than `max_pixels` before decoding."""
-    from .image_processing import load_image
-
-    try:
-        image = Image.open(io.BytesIO(data))
-        if image.width * image.height > max_pixels:
-            size = f"{image.width}x{image.height}, more than {max_pixels} pixels"
-            raise _too_large(where, size)
-        image.load()
-    except Image.DecompressionBombError as e:
-        raise _too_large(where, str(e)) from e
-    except OSError as e:
-        raise ApiError(f"{where}: not an image that can be read ({e})", param=where) from e
+        image = open_image(url, fetch_limits, where)
+    except FetchError as e:
+        if e.too_large:
+            raise ApiError(str(e), 413, where, "image_too_large") from e
+        raise ApiError(str(e), param=where) from e
     # The same EXIF rotation and RGB conversion that `generate` applies to files and URLs.
     return load_image(image)
 
@@ -491,7 +404,7 @@ class Handler(BaseHTTPRequestHandler):
     def _check_prompt(self, request: ChatRequest) -> None:
         """Render the chat template here so that bad messages are a 400, not a worker error."""
         try:
-            text, images = render_prompt(self.server.worker.processor, request.messages)
+            text, images, _ = render_prompt(self.server.worker.processor, request.messages)
         except Exception as e:
             raise ApiError(f"messages cannot be rendered: {e}", param="messages") from e
         if text.count(IMAGE_TOKEN) != len(images):
@@ -595,7 +508,7 @@ def create_server(
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", default=None, help=MODEL_HELP)
+@model_option(adapter_default=True)
 @click.option(
     "--adapter-path", default=None, help="LoRA adapters to apply (from mlx_smolvlm.lora)."
 )
@@ -625,15 +538,8 @@ def create_server(
     help="How long the worker waits for more requests to batch with the first one.",
 )
 @click.option("--max-batch-size", default=8, show_default=True, help="Most requests per batch.")
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
-    default=None,
-    help="Compute dtype (default: float32 on the CPU backend, the checkpoint's on Metal).",
-)
-@click.option("--no-image-splitting", is_flag=True, help="Encode each image as one tile.")
-@click.option("--longest-edge", type=int, default=None, help="Resize images to this edge first.")
-@click.option("--max-tiles", type=int, default=None, help="At most this many tiles per image.")
+@dtype_option()
+@tiling_options
 def main(
     model,
     adapter_path,
@@ -653,8 +559,6 @@ def main(
     max_tiles,
 ):
     """Serve a SmolVLM model with an OpenAI-compatible chat completions API."""
-    from .loading import load, resolve_model
-
     limits = Limits(
         max_body_bytes=max_body_bytes,
         max_image_bytes=max_image_bytes,
@@ -664,16 +568,14 @@ def main(
         allowed_image_dir=allowed_image_dir,
         remote_images=remote_images,
     )
-    image_kwargs = image_kwargs_from_cli(
-        None, False if no_image_splitting else None, longest_edge, max_tiles, False
-    )
+    kwargs = image_kwargs(no_image_splitting, longest_edge, max_tiles)
     try:
         vlm, processor = load(model, adapter_path=adapter_path, dtype=dtype)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e
     model = str(model or resolve_model(None, adapter_path)[0])
     server = create_server(
-        vlm, processor, model, host, port, limits, batch_window_ms, max_batch_size, image_kwargs
+        vlm, processor, model, host, port, limits, batch_window_ms, max_batch_size, kwargs
     )
     host, port = server.server_address[:2]
     print(f"Serving {model} on http://{host}:{port}", flush=True)

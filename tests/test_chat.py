@@ -12,8 +12,10 @@ from PIL import Image
 from terminal import KEYS, Terminal
 
 from mlx_smolvlm import chat
-from mlx_smolvlm.generate import GenerationResult, TerminalProgress, encode_tiles
+from mlx_smolvlm.generation import GenerationResult
+from mlx_smolvlm.generation.generate import encode_tiles
 from mlx_smolvlm.random_checkpoint import save_random_checkpoint
+from mlx_smolvlm.utils.progress import TerminalProgress
 
 pytestmark = pytest.mark.torch
 
@@ -88,7 +90,7 @@ def test_stopped_answer_stays_in_the_conversation(monkeypatch):
         yield GenerationResult(text=" answer")
 
     monkeypatch.setattr(chat, "stream_generate", fake_stream)
-    monkeypatch.setattr("mlx_smolvlm.loading.load", lambda *a, **k: (None, None))
+    monkeypatch.setattr(chat, "load", lambda *a, **k: (None, None))
     result = CliRunner().invoke(chat.main, [], input="first\nsecond\n/exit\n")
     assert result.exit_code == 0, result.output
     assert "partial [stopped]" in result.output

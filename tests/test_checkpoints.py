@@ -27,8 +27,8 @@ from PIL import Image, ImageDraw
 from reference import hf_logits, hf_model, hf_processor
 
 from mlx_smolvlm import load
-from mlx_smolvlm.config import ModelConfig
-from mlx_smolvlm.generate import generate, prepare_inputs
+from mlx_smolvlm.generation import generate, prepare_inputs
+from mlx_smolvlm.model.config import ModelConfig
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")

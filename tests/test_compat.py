@@ -19,7 +19,7 @@ from reference import hf_processor, save_hf_checkpoint, tiny_config_for_real_tok
 
 import mlx_smolvlm
 from mlx_smolvlm import apply_chat_template, generate, load, load_config, stream_generate
-from mlx_smolvlm.generate import prepare_inputs
+from mlx_smolvlm.generation import prepare_inputs
 from mlx_smolvlm.processing import Processor
 
 transformers = pytest.importorskip("transformers")

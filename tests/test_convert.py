@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from faults import kill_at
 from mlx.utils import tree_flatten
 from reference import image_prompt, random_pixels, save_hf_checkpoint, tiny_config
 
@@ -238,7 +241,15 @@ def test_load_gives_a_quantized_model_and_its_processor(tmp_path, smolvlm_256m_d
         (["--hf-path", "{source}", "--upload-repo", "noslash"], "'--upload-repo'.*'noslash'"),
         (
             ["--hf-path", "{source}", "--mlx-path", "{source}", "--force"],
-            "'--mlx-path'.*source checkpoint itself",
+            "'--mlx-path'.*source checkpoint's folder",
+        ),
+        (
+            ["--hf-path", "{source}", "--mlx-path", "{source}/..", "--force"],
+            "'--mlx-path'.*source checkpoint's folder",
+        ),
+        (
+            ["--hf-path", "{source}", "--mlx-path", "{tmp}/existing", "--force"],
+            "'--mlx-path'.*existing holds files that are not a model's",
         ),
     ],
 )
@@ -263,36 +274,66 @@ def test_quantizing_a_quantized_checkpoint_is_refused(source, tmp_path):
     assert not (tmp_path / "again").exists()
 
 
-def test_failed_forced_conversion_keeps_the_old_model(source, tmp_path, monkeypatch):
-    target = tmp_path / "out"
-    target.mkdir()
-    (target / "keep.txt").write_text("old model")
+@pytest.fixture(scope="module")
+def old_model(source, tmp_path_factory) -> Path:
+    """A bf16 conversion of the source: the "old model" a forced conversion replaces."""
+    return convert(source, tmp_path_factory.mktemp("old") / "model", dtype="bfloat16")
+
+
+def copy_of(model: Path, target: Path) -> Path:
+    shutil.copytree(model, target)
+    return target
+
+
+def test_failed_forced_conversion_keeps_the_old_model(source, old_model, tmp_path, monkeypatch):
+    target = copy_of(old_model, tmp_path / "out")
+    before = snapshot(target)
     saved = []
-    real_save = convert_module.save_shard
 
     def failing_save(file, shard):
-        if saved:
-            raise OSError("disk full")
         saved.append(file)
-        real_save(file, shard)
+        file.write_bytes(b"half a shard")  # the disk fills up in the middle of the weights
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(convert_module, "save_shard", failing_save)
-    with pytest.raises(OSError, match="disk full"):
-        convert(source, target, force=True, max_shard_bytes=400_000)
-    assert saved  # it failed midway, after writing a shard
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
+    result = run_cli(
+        "--hf-path", str(source), "--mlx-path", str(target), "--force", "--dtype", "float32"
+    )
+    assert saved  # it failed midway, with part of the weights written
+    assert result.exit_code == 2 and "No space left on device" in result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing partial left
+    assert snapshot(target) == before
 
 
-def test_forced_conversion_replaces_the_old_model(source, inputs, source_logits, tmp_path):
-    target = tmp_path / "out"
-    target.mkdir()
-    (target / "keep.txt").write_text("old model")
-    result = run_cli("--hf-path", str(source), "--mlx-path", str(target), "--force")
+def test_forced_conversion_replaces_the_old_model(
+    source, old_model, inputs, source_logits, tmp_path
+):
+    target = copy_of(old_model, tmp_path / "out")
+    result = run_cli(
+        "--hf-path", str(source), "--mlx-path", str(target), "--force", "--dtype", "float32"
+    )
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old directory
-    assert not (target / "keep.txt").exists()
+    assert target.stat().st_mode & 0o777 == 0o755
     np.testing.assert_array_equal(logits(load_model(target), inputs), source_logits)
+
+
+@pytest.mark.parametrize("pause, replaced", [("staged", False), ("swapped", True)])
+def test_sigkilled_conversion_leaves_old_or_new_model(
+    source, old_model, inputs, source_logits, tmp_path, pause, replaced
+):
+    target = copy_of(old_model, tmp_path / "out")
+    before = snapshot(target)
+    args = ["--hf-path", str(source), "--mlx-path", str(target), "--force", "--dtype", "float32"]
+    kill_at(pause, ["-m", "mlx_smolvlm.convert", *args])
+    assert any(p.name.startswith(".out.") for p in tmp_path.iterdir())  # what the kill left
+    if replaced:
+        np.testing.assert_array_equal(logits(load_model(target), inputs), source_logits)
+    else:
+        assert snapshot(target) == before
+    convert(source, target, dtype="float32", force=True)  # the next run cleans up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_upload_repo_is_passed_to_the_hub(source, tmp_path, monkeypatch):
@@ -305,7 +346,7 @@ def test_upload_repo_is_passed_to_the_hub(source, tmp_path, monkeypatch):
         def upload_folder(self, folder_path, repo_id, repo_type):
             calls.append(("upload", Path(folder_path), repo_id, repo_type))
 
-    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    monkeypatch.setattr(convert_module, "HfApi", FakeApi)
     out = tmp_path / "out"
     result = run_cli(
         "--hf-path", str(source), "--mlx-path", str(out), "--upload-repo", "me/tiny-mlx"

@@ -42,8 +42,7 @@ def test_a_missing_blas_library_is_reported():
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode == 0, run.stderr
     if sys.platform == "linux":
-        assert "MLX_SMOLVLM_BLAS=/nonexistent/libblas.so cannot be loaded" in run.stderr
-        assert "libopenblas0-pthread" in run.stderr
+        assert "warning: MLX_SMOLVLM_BLAS=/nonexistent/libblas.so could not be loaded" in run.stderr
     else:
         assert "MLX_SMOLVLM_BLAS" not in run.stderr  # nothing to load on macOS
     env["MLX_SMOLVLM_QUIET"] = "1"
@@ -57,6 +56,7 @@ def test_random_checkpoint_refusals(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, [str(tmp_path / "nowhere"), str(tmp_path / "out")])
     assert result.exit_code == 1 and "config.json not found" in result.output
     (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
     result = CliRunner().invoke(main, [str(real_model_dir()), str(tmp_path / "taken")])
     assert result.exit_code == 1 and "already exists; pass --force" in result.output
     monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed

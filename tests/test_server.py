@@ -19,8 +19,7 @@ import pytest
 from PIL import Image, ImageDraw
 from reference import save_hf_checkpoint, tiny_config_for_real_tokenizer
 
-from mlx_smolvlm import load
-from mlx_smolvlm.generate import generate
+from mlx_smolvlm import generate, load
 
 pytest.importorskip("transformers")
 pytest.importorskip("torch")
@@ -67,7 +66,7 @@ def server(checkpoint, image_dir, tmp_path_factory):
         "--max-image-pixels", str(MAX_PIXELS), "--batch-window-ms", "300",
         "--max-batch-size", "8", "--no-image-splitting",
     ]  # fmt: skip
-    env = {**os.environ, "MLX_SMOLVLM_QUIET": "1"}
+    env = dict(os.environ)
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         yield wait_for_address(proc, log)

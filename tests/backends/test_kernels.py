@@ -1,0 +1,296 @@
+"""The CPU backend: host kernels and the host decoder give MLX's own results, `prepare` swaps
+them in only where they apply, and the BLAS choice is reported, never printed at import."""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_smolvlm.backends import cpu, kernels
+from mlx_smolvlm.backends.decoder import HostKVCache, decode_step
+from mlx_smolvlm.backends.kernels import (
+    host_attention,
+    host_gelu_tanh,
+    host_layer_norm,
+    host_swiglu,
+)
+from mlx_smolvlm.model.vision import gelu_tanh
+
+
+def qkv(batch=2, heads=6, kv_heads=2, queries=300, keys=300, dims=16, seed=0):
+    mx.random.seed(seed)
+    q = mx.random.normal((batch, heads, queries, dims))
+    k = mx.random.normal((batch, kv_heads, keys, dims))
+    v = mx.random.normal((batch, kv_heads, keys, dims))
+    return q, k, v
+
+
+def reference(q, k, v, scale, mask):
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 6])
+def test_no_mask_and_grouped_queries(kv_heads):
+    q, k, v = qkv(kv_heads=kv_heads)
+    out = host_attention(q, k, v, 0.25, None)
+    assert out.shape == q.shape
+    assert mx.allclose(out, reference(q, k, v, 0.25, None), atol=1e-5).item()
+
+
+@pytest.mark.parametrize("threads", [1, 64])  # a task per head, or per block of queries
+@pytest.mark.parametrize("queries, keys", [(300, 300), (300, 420), (1, 420)])
+def test_causal_with_cached_keys(monkeypatch, threads, queries, keys):
+    # With more keys than queries the first keys come from the cache.
+    monkeypatch.setattr(kernels, "_threads", lambda: threads)
+    q, k, v = qkv(queries=queries, keys=keys)
+    out = host_attention(q, k, v, 0.25, "causal")
+    assert mx.allclose(out, reference(q, k, v, 0.25, "causal"), atol=1e-5).item()
+
+
+def test_boolean_key_padding_mask_and_transposed_views():
+    # The vision tower's layout: heads split from (batch, length, heads, dims) without a copy.
+    mx.random.seed(1)
+    x = mx.random.normal((3, 2, 260, 4, 8))
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in x)
+    keys_visible = np.ones((2, 1, 1, 260), dtype=bool)
+    keys_visible[1, ..., 200:] = False
+    mask = mx.array(keys_visible)
+    out = host_attention(q, k, v, 0.3, mask)
+    assert mx.allclose(out, reference(q, k, v, 0.3, mask), atol=1e-5).item()
+
+
+def test_per_query_boolean_and_additive_masks():
+    q, k, v = qkv(queries=40, keys=40)
+    rng = np.random.default_rng(0)
+    visible = rng.random((2, 1, 40, 40)) < 0.7
+    visible |= np.eye(40, dtype=bool)  # no empty rows
+    boolean = mx.array(visible)
+    additive = mx.where(boolean, 0.0, -1e9)
+    for mask in (boolean, additive):
+        out = host_attention(q, k, v, 0.25, mask)
+        assert mx.allclose(out, reference(q, k, v, 0.25, mask), atol=1e-5).item()
+
+
+@pytest.mark.parametrize("count, unit", [(1, 1), (786_432, 1), (2048, 768), (7, 1 << 20)])
+def test_elementwise_tasks_fill_whole_rounds_of_threads(monkeypatch, count, unit):
+    monkeypatch.setattr(kernels, "_threads", lambda: 2)
+    size = kernels._task_size(count, unit)
+    tasks = -(-count // size)
+    assert size * unit <= kernels.BLOCK + unit  # a task of about BLOCK elements at most
+    assert tasks % 2 == 0 or tasks == count  # equal shares, unless there are too few items
+
+
+def test_bad_mask_is_named():
+    q, k, v = qkv(queries=4, keys=4)
+    with pytest.raises(ValueError, match="attention mask"):
+        host_attention(q, k, v, 0.25, mx.ones((2, 6, 4, 4), dtype=mx.bool_))
+    with pytest.raises(ValueError, match="unknown attention mask"):
+        host_attention(q, k, v, 0.25, "sliding")
+
+
+def test_gelu_matches_mlx_and_never_writes_its_input():
+    mx.random.seed(2)
+    x = mx.random.normal((3, 1000, 700)) * 4
+    expected = nn.gelu_approx(x)
+    mx.eval(expected)
+    before = np.array(x)
+    assert mx.allclose(host_gelu_tanh(x), expected, atol=1e-5).item()
+    assert mx.allclose(gelu_tanh(x), expected, atol=1e-5).item()
+    view = x.transpose(2, 1, 0)  # not contiguous
+    assert mx.allclose(host_gelu_tanh(view), expected.transpose(2, 1, 0), atol=1e-5).item()
+    assert np.array_equal(np.array(x), before)
+
+
+def test_host_views_are_read_only():
+    x = mx.arange(4, dtype=mx.float32)
+    with pytest.raises(ValueError, match="read-only"):
+        kernels.host_view(x)[0] = 5
+    assert x.tolist() == [0, 1, 2, 3]
+
+
+# --- the seam --------------------------------------------------------------------------------
+
+
+def tiny_model():
+    from reference import tiny_config
+
+    from mlx_smolvlm.model import Model, ModelConfig
+
+    model = Model(ModelConfig.from_dict(tiny_config()))
+    mx.eval(model.parameters())
+    return model.eval()
+
+
+def kinds(model) -> set[type]:
+    return {type(m) for _, m in model.named_modules()}
+
+
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the host modules are the CPU's")
+def test_prepare_swaps_host_modules_in_and_out(monkeypatch):
+    model = tiny_model()
+    names = sorted(k for k, _ in nn.utils.tree_flatten(model.parameters()))
+    assert cpu.prepare(model) is model
+    assert {cpu.HostVisionAttention, cpu.HostLayerNorm, cpu.HostLanguageModel} <= kinds(model)
+    assert cpu.HostAttention in kinds(model) and cpu.HostMLP in kinds(model)
+    # Same parameters under the same names: weights, adapters and checkpoints are unaffected.
+    assert sorted(k for k, _ in nn.utils.tree_flatten(model.parameters())) == names
+    assert "Host kernels: on; host decoder: on" in cpu.report(model)
+    cpu.prepare(model)  # idempotent
+    assert cpu.HostLanguageModel in kinds(model)
+
+    model.set_dtype(mx.bfloat16)  # numpy has no bf16: everything goes back to MLX's modules
+    cpu.prepare(model)
+    assert not any(k.__name__.startswith("Host") for k in kinds(model))
+    model.set_dtype(mx.float32)
+    nn.quantize(model.language_model, group_size=32, bits=8)
+    cpu.prepare(model)  # host kernels stay, the decoder is MLX's for quantized weights
+    assert cpu.HostAttention in kinds(model) and cpu.HostLanguageModel not in kinds(model)
+    monkeypatch.setenv("MLX_SMOLVLM_HOST_KERNELS", "0")
+    cpu.prepare(model)
+    assert not any(k.__name__.startswith("Host") for k in kinds(model))
+
+
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the host modules are the CPU's")
+def test_prepared_modules_in_training_mode_run_mlx():
+    model = cpu.prepare(tiny_model())
+    x = mx.random.normal((2, 10, model.config.vision_config.hidden_size))
+    layer = model.vision_model.encoder.layers[0]
+    assert type(layer.self_attn) is cpu.HostVisionAttention
+    # The host kernels are not differentiable: in training mode the MLX code gives gradients.
+    layer.train()
+    grad = mx.grad(lambda y: layer(y).sum())(x)
+    assert grad.shape == x.shape and bool(mx.isfinite(grad).all())
+
+
+# --- the numpy decode step -------------------------------------------------------------------
+
+
+def tiny_decoder(tie: bool, bias: bool = False):
+    from reference import tiny_config
+
+    from mlx_smolvlm.model.config import ModelConfig
+    from mlx_smolvlm.model.language import LanguageModel
+
+    config = ModelConfig.from_dict(
+        tiny_config(tie_word_embeddings=tie, attention_bias=bias, mlp_bias=bias)
+    ).text_config
+    model = LanguageModel(config)
+    mx.random.seed(3)
+    model.update(nn.utils.tree_map(lambda w: mx.random.normal(w.shape) * 0.2, model.parameters()))
+    mx.eval(model.parameters())
+    return model.eval()
+
+
+def decode(model, cache, steps: int) -> list[np.ndarray]:
+    """Prefill 250 tokens, then decode `steps` tokens one at a time."""
+    prompt = mx.array(np.random.default_rng(0).integers(3, 300, (1, 250)))
+    logits = model(prompt, cache)
+    token = mx.argmax(logits[:, -1], axis=-1)
+    outs = []
+    for _ in range(steps):
+        logits = model(token[None], cache)
+        outs.append(np.array(logits[0, -1]))
+        token = mx.argmax(logits[:, -1], axis=-1)
+    return outs
+
+
+@pytest.mark.parametrize("tie, bias", [(False, False), (True, True)])
+def test_host_decode_matches_mlx_across_cache_growth(tie, bias, monkeypatch):
+    # 250 + 20 tokens crosses the 256-position growth step of the KV caches.
+    model = tiny_decoder(tie, bias)
+    expected = decode(model, model.make_cache(), 20)
+    steps = []
+    monkeypatch.setattr(cpu, "decode_step", lambda *a: steps.append(1) or decode_step(*a))
+    host = cpu.prepare(model)
+    assert isinstance(host, cpu.HostLanguageModel)
+    got = decode(host, host.make_cache(), 20)
+    assert len(steps) == 20
+    for step, (a, b) in enumerate(zip(got, expected)):
+        np.testing.assert_allclose(a, b, atol=1e-4, err_msg=f"step {step}")
+
+
+def test_host_cache_trims_and_quantizes_like_mlx_lms():
+    model = tiny_decoder(False)
+    host = cpu.prepare(model)
+    mine, theirs = host.make_cache(), model.make_cache()
+    decode(host, mine, 3)
+    decode(model, theirs, 3)
+    assert mine[0].offset == theirs[0].offset == 253
+    for c in mine + theirs:
+        c.trim(5)
+    token = mx.array([[7]])
+    np.testing.assert_allclose(
+        np.array(host(token, mine)), np.array(model(token, theirs)), atol=1e-4
+    )
+    # kv_bits: mlx-lm's quantized cache takes over with the same positions.
+    cache = HostKVCache()
+    keys = mx.random.normal((1, 2, 5, 32))
+    cache.update_and_fetch(keys, keys)
+    quantized = cache.to_quantized(group_size=32, bits=8)
+    assert quantized.offset == 5
+    restored = mx.dequantize(*quantized.keys, group_size=32, bits=8)[..., :5, :]
+    np.testing.assert_allclose(np.array(restored), np.array(keys), atol=0.05)
+
+
+def test_host_cache_keeps_its_own_memory():
+    cache = HostKVCache()
+    keys = mx.ones((1, 2, 3, 4))
+    fetched, _ = cache.update_and_fetch(keys, keys)
+    cache.append(np.zeros((2, 1, 4), np.float32), np.zeros((2, 1, 4), np.float32))
+    assert fetched.shape == (1, 2, 3, 4) and bool((fetched == 1).all())  # a copy, not a view
+    assert keys.tolist() == mx.ones((1, 2, 3, 4)).tolist()
+    with pytest.raises(ValueError, match="one sequence"):
+        cache.update_and_fetch(mx.ones((2, 2, 1, 4)), mx.ones((2, 2, 1, 4)))
+
+
+# --- the optimized BLAS ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MLX uses Accelerate on macOS")
+def test_blas_is_loaded_first_silently_and_reported():
+    if not ctypes.util.find_library("openblas"):
+        pytest.skip("no OpenBLAS installed")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MLX_SMOLVLM") and k != "OPENBLAS_THREAD_TIMEOUT"
+    }
+
+    def run(code: str) -> tuple[str, str]:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr
+        return run.stdout, run.stderr
+
+    status = "import mlx_smolvlm; from mlx_smolvlm.backends import blas; print(blas.status())"
+    out, err = run(status)
+    assert "for matrix products" in out and err == ""  # nothing printed at import
+    # MLX's copy sleeps between calls; the setting does not leak to libraries loaded later.
+    run("import os, mlx_smolvlm; assert 'OPENBLAS_THREAD_TIMEOUT' not in os.environ")
+    out, err = run("import mlx.core; " + status)
+    assert "imported before mlx_smolvlm" in out and err == ""
+    env["MLX_SMOLVLM_BLAS"] = "0"
+    out, err = run(status)
+    assert "reference BLAS (MLX_SMOLVLM_BLAS=0)" in out and err == ""
+
+
+def test_layer_norm_matches_mlx():
+    mx.random.seed(4)
+    norm = nn.LayerNorm(96, eps=1e-6)
+    norm.update({"weight": mx.random.normal((96,)), "bias": mx.random.normal((96,))})
+    x = mx.random.normal((3, 5000, 96)) * 3 + 1
+    assert mx.allclose(host_layer_norm(x, norm), norm(x), atol=1e-5).item()
+
+
+def test_swiglu_matches_mlx():
+    mx.random.seed(5)
+    gate, up = mx.random.normal((2, 700, 300)) * 6, mx.random.normal((2, 700, 300))
+    expected = nn.silu(gate) * up
+    mx.eval(expected)
+    assert mx.allclose(host_swiglu(gate, up), expected, atol=1e-5).item()
