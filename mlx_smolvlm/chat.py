@@ -31,6 +31,14 @@ from .utils.options import (
     sampling_options,
 )
 from .utils.progress import terminal_progress
+from .utils.validation import (
+    Command,
+    check_image_kwargs,
+    check_resize_shape,
+    check_sampling,
+    check_text,
+    print_error,
+)
 
 PROMPT = ">> "
 COMMANDS = {
@@ -53,13 +61,13 @@ def setup_readline(history_file: Path | None) -> None:
         return
     try:
         readline.read_history_file(history_file)
-    except (FileNotFoundError, OSError):
-        pass
+    except OSError:
+        pass  # no history yet
     readline.set_history_length(1000)
     atexit.register(_save_history, readline, history_file)
 
 
-def _save_history(readline, history_file: Path) -> None:
+def _save_history(readline: Any, history_file: Path) -> None:
     """Write the prompt history, silently skipping an unwritable file."""
     try:
         readline.write_history_file(history_file)
@@ -67,14 +75,24 @@ def _save_history(readline, history_file: Path) -> None:
         pass
 
 
-def read_lines() -> Iterator[str]:
-    """Lines from a pipe, or from the terminal with a prompt until Ctrl-D (Ctrl-C clears)."""
+def read_lines() -> Iterator[str | UnicodeDecodeError]:
+    """Lines from a pipe, or from the terminal with a prompt until Ctrl-D (Ctrl-C clears).
+
+    A line that is not valid UTF-8 comes out as the `UnicodeDecodeError` it raised, so that
+    the chat can report it and go on.
+    """
     if not sys.stdin.isatty():
-        yield from sys.stdin
+        for raw in sys.stdin.buffer:
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield e
         return
     while True:
         try:
             yield input(PROMPT)
+        except UnicodeDecodeError as e:
+            yield e
         except KeyboardInterrupt:
             print(flush=True)  # the typed line is dropped; a fresh prompt follows
         except EOFError:
@@ -108,29 +126,37 @@ class CtrlC:
 def answer(vlm, processor, messages: list[dict], **kwargs) -> tuple[str, GenerationResult, bool]:
     """Stream the answer to `messages`; (text, last result, whether Ctrl-C stopped it)."""
     reply, result = [], GenerationResult()
+    progress = kwargs.get("progress")
     steps = stream_generate(vlm, processor, messages, **kwargs)
     ctrl_c = CtrlC()
     previous = signal.signal(signal.SIGINT, ctrl_c)
     try:
         for result in steps:
+            if result.notice and not reply:
+                print(f"[{result.notice}]", file=sys.stderr, flush=True)
             reply.append(result.text)
             print(result.text, end="", flush=True)
             if ctrl_c.pressed:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         steps.close()
-        progress = kwargs.get("progress")
         if progress is not None:
             progress.clear()
         print(" [stopped]", flush=True)
         return "".join(reply), result, True
+    except (ValueError, OSError):
+        if progress is not None:
+            progress.clear()
+        if reply:
+            print(flush=True)
+        raise
     finally:
         signal.signal(signal.SIGINT, previous)
     print(flush=True)
     return "".join(reply), result, False
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @model_option(adapter_default=True)
 @click.option("--image", multiple=True, help="Image(s) for the first message; repeat for several.")
 @click.option("--system", default=None, help="System prompt.")
@@ -177,15 +203,25 @@ def main(
     **options,
 ):
     """Chat with a SmolVLM model about one or more images."""
+    sampling = {
+        k: options.pop(k)
+        for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+    }
+    kwargs = image_kwargs(**options)
+    # Checked before the model loads: a bad option fails at once, naming its flag.
+    check_sampling(max_tokens, **sampling)
+    check_image_kwargs(kwargs)
+    check_resize_shape(resize_shape)
+    if system is not None:
+        check_text("system", system)
     generation = {
         "max_tokens": max_tokens,
         "system": system,
         "kv_bits": int(kv_bits) if kv_bits else None,
         "progress": terminal_progress(verbose is not False),
-        **{k: options.pop(k) for k in ("temperature", "top_p", "top_k", "min_p")},
-        **{k: options.pop(k) for k in ("repetition_penalty", "seed")},
+        **sampling,
+        **kwargs,
     }
-    generation.update(image_kwargs(**options))
     try:
         pending = load_images(image, resize_shape)
         vlm, processor = load(model, adapter_path=adapter_path, dtype=dtype)
@@ -195,7 +231,11 @@ def main(
     messages: list[dict] = []
     cache = PromptCache(vlm, max_kv_size)
     print("Type a message, or /help for the commands.", flush=True)
-    for line in read_lines():
+    for number, line in enumerate(read_lines(), start=1):
+        if isinstance(line, UnicodeDecodeError):
+            byte = line.object[line.start]
+            print_error(f"line {number} is not valid UTF-8 (byte {byte:#04x}); ignored")
+            continue
         line = line.strip()
         if not line:
             continue
@@ -219,22 +259,21 @@ def main(
                 pending += load_images((argument.strip(),), resize_shape)
                 print(f"[{len(pending)} image(s) attached to your next message]", flush=True)
             except (FileNotFoundError, ValueError, OSError) as e:
-                print(f"Error: {e}", flush=True)
+                print_error(str(e))
             continue
         elif line.startswith("/"):
             print(f"Unknown command {command}: /help lists the commands.", flush=True)
             continue
-        messages.append(user_message(line, pending))
-        pending = []
+        turn = [*messages, user_message(line, pending)]
         try:
-            text, result, stopped = answer(
-                vlm, processor, messages, prompt_cache=cache, **generation
-            )
-        except ValueError as e:  # e.g. an image the processor cannot take
-            messages.pop()
-            print(f"Error: {e}", flush=True)
+            check_text("message", line)
+            text, result, stopped = answer(vlm, processor, turn, prompt_cache=cache, **generation)
+        except (ValueError, OSError) as e:
+            # The message is dropped (its images stay attached) and the chat goes on.
+            print_error(f"{e}; message ignored (/reset starts over)")
             continue
-        messages.append(assistant_message(text))
+        # A stopped answer stays in the conversation as far as it was shown.
+        messages, pending = [*turn, assistant_message(text)], []
         if verbose and not stopped:
             print_stats(result)
             click.echo(report(vlm), err=True)

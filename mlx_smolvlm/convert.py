@@ -22,6 +22,7 @@ from .loading import DTYPES, copy_side_files, get_model_path, load_model, load_w
 from .model import ConfigError, Model, load_config
 from .utils import atomic
 from .utils.options import dtype_option
+from .utils.validation import Command
 
 QUANT_BITS = (2, 3, 4, 6, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -296,7 +297,7 @@ def _to_int(ctx: click.Context, param: click.Parameter, value: str) -> int:
     return int(value)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--hf-path", required=True, help="Source checkpoint: a local directory or Hub id.")
 @click.option("--mlx-path", default="mlx_model", show_default=True, help="Output directory.")
 @dtype_option(help="Float dtype of the output (default: the checkpoint's own).")

@@ -28,6 +28,7 @@ from .model import load_config
 from .tuner.adapters import AdapterError, apply_adapters, fuse_lora
 from .utils import atomic
 from .utils.options import dtype_option
+from .utils.validation import Command
 
 
 def output_config(raw: dict, dtype: str, dequantize: bool) -> dict:
@@ -95,7 +96,7 @@ def write_image_settings(file: Path, settings: dict) -> None:
     atomic.write_json(file, config)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--model",
     default=None,

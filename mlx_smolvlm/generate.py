@@ -20,11 +20,19 @@ from .utils.options import (
     sampling_options,
 )
 from .utils.progress import terminal_progress
+from .utils.validation import (
+    Command,
+    check_image_kwargs,
+    check_int,
+    check_resize_shape,
+    check_sampling,
+    check_text,
+)
 
 __all__ = ["generate", "main", "stream_generate"]
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @model_option(adapter_default=True)
 @click.option("--image", multiple=True, help="Image path or URL; repeat for several images.")
 @click.option("--video", default=None, help="Video file (mp4, mov, webm, gif...); needs PyAV.")
@@ -82,10 +90,22 @@ def main(
     # Unset sampling options fall back to the checkpoint's video_sampling.
     sampling = {k: v for k, v in {"fps": fps, "max_frames": max_frames}.items() if v is not None}
     sampler = {k: options.pop(k) for k in ("temperature", "top_p", "top_k", "min_p")}
+    repetition_penalty, seed = options.pop("repetition_penalty"), options.pop("seed")
+    tiling = image_kwargs(**options)
+    # Checked before the model loads: a bad option fails at once, naming its flag.
+    check_text("prompt", prompt)
+    if system is not None:
+        check_text("system", system)
+    check_sampling(max_tokens, **sampler, repetition_penalty=repetition_penalty, seed=seed)
+    check_image_kwargs({**sampling, **tiling})
+    check_resize_shape(resize_shape)
+    if max_kv_size is not None:
+        check_int("max_kv_size", max_kv_size, 1)
     try:
         images = load_images(image, resize_shape)
         vlm, processor = load(model, adapter_path=adapter_path, dtype=dtype)
         result = GenerationResult()
+        noted = False
         for result in stream_generate(
             vlm,
             processor,
@@ -93,16 +113,19 @@ def main(
             images,
             max_tokens=max_tokens,
             **sampler,
-            repetition_penalty=options.pop("repetition_penalty"),
-            seed=options.pop("seed"),
+            repetition_penalty=repetition_penalty,
+            seed=seed,
             system=system,
             kv_bits=int(kv_bits) if kv_bits else None,
             max_kv_size=max_kv_size,
             video=video,
             progress=terminal_progress(verbose),
             **sampling,
-            **image_kwargs(**options),
+            **tiling,
         ):
+            if result.notice and not noted:
+                noted = True
+                print(f"[{result.notice}]", file=sys.stderr, flush=True)
             print(result.text, end="", flush=True)
         print()
     except (FileNotFoundError, ValueError, OSError, ImportError) as e:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from huggingface_hub import snapshot_download
+from huggingface_hub import HfApi, constants, snapshot_download
 from mlx.utils import tree_flatten
 
 from .model import Model, ModelConfig
@@ -22,12 +24,15 @@ from .tuner.adapters import (
     read_adapter_config,
 )
 from .utils.options import DEFAULT_MODEL
+from .utils.validation import check_keywords
 
 # Files a checkpoint needs: weights, configs, tokenizer and chat template.
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
 # Tokenizer, processor, chat template and generation files travel with converted weights.
 SIDE_FILE_PATTERNS = ("*.json", "*.txt", "*.jinja", "tokenizer.model")
 NOT_COPIED = {"config.json", "model.safetensors.index.json"}
+
+HUB_TIMEOUT = 10.0  # seconds, unless HF_HUB_ETAG_TIMEOUT says otherwise
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -43,11 +48,49 @@ def get_model_path(path_or_repo: str | Path, revision: str | None = None) -> Pat
     if repo.startswith((".", "/", "~")) or repo.count("/") != 1:
         raise FileNotFoundError(f"{repo} does not exist and is not a Hub repo id (owner/name)")
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=CHECKPOINT_PATTERNS))
+        return Path(download(repo, revision))
     except Exception as e:
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
         raise FileNotFoundError(
-            f"could not find {repo!r} locally or download it from the Hub: {e}"
+            f"could not find {repo!r} locally or download it from the Hub ({reason}). Download the "
+            "checkpoint where the Hub is reachable and pass its local folder to --model, or "
+            "set HF_HUB_OFFLINE=1 to use only what the Hugging Face cache holds"
         ) from e
+
+
+def hub_timeout() -> float:
+    """Seconds to wait for the Hub to connect or answer: HF_HUB_ETAG_TIMEOUT, else 10."""
+    try:
+        return float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or HUB_TIMEOUT)
+    except ValueError:
+        return HUB_TIMEOUT
+
+
+def download(repo: str, revision: str | None) -> str:
+    """The local snapshot of `repo` with the files a checkpoint needs, fetched with timeouts.
+
+    huggingface_hub asks the Hub for the repo's revision with no timeout at all, so the
+    same question is asked here first, with one: a silent or unreachable Hub falls back to
+    the local cache and otherwise fails within the timeout instead of hanging.
+    """
+    timeout = hub_timeout()
+    # Read at import by huggingface_hub: set here so that file downloads time out too.
+    if not os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT"):
+        constants.HF_HUB_DOWNLOAD_TIMEOUT = timeout
+    if constants.HF_HUB_OFFLINE:
+        return snapshot_download(repo, revision=revision, allow_patterns=CHECKPOINT_PATTERNS)
+    try:
+        HfApi().repo_info(repo, revision=revision, timeout=timeout)
+    except Exception as e:
+        try:  # what an earlier download left in the cache, if anything
+            return snapshot_download(
+                repo, revision=revision, allow_patterns=CHECKPOINT_PATTERNS, local_files_only=True
+            )
+        except Exception:
+            raise e from None
+    return snapshot_download(
+        repo, revision=revision, allow_patterns=CHECKPOINT_PATTERNS, etag_timeout=timeout
+    )
 
 
 def load_weights(model_path: Path) -> dict[str, mx.array]:
@@ -199,6 +242,10 @@ def load(
     With `adapter_path`, the model defaults to the adapters' recorded base model and the
     processor's image defaults become those the adapters were trained with.
     """
+    accepted = ["adapter_path", "dtype", "lazy", "revision"]
+    check_keywords(
+        "load", processor_kwargs, [*accepted, *(f.name for f in dataclasses.fields(Processor))]
+    )
     path_or_repo, settings = resolve_model(path_or_repo, adapter_path)
     model_path = get_model_path(path_or_repo, revision)
     model = load_model(model_path, dtype=dtype, lazy=True)

@@ -34,7 +34,9 @@ from .tuner.trainer import (
     train,
 )
 from .tuner.trainer import learning_rate as learning_rate_schedule
+from .utils import distributed
 from .utils.options import dtype_option, image_kwargs, model_option, tiling_options
+from .utils.validation import MAX_SEED, Command, check_image_kwargs, check_int
 
 
 def run_training(
@@ -104,6 +106,9 @@ def run_training(
     mx.random.seed(seed)  # LoRA initialization
     vlm.freeze()
     add_lora(vlm, config["modules"], config["lora_parameters"])
+    ranks = distributed.size()
+    if batch_size % ranks:
+        raise TrainingError(f"--batch-size {batch_size} does not split evenly over {ranks} ranks")
     if epochs is not None:
         iters = epochs * math.ceil(len(train_set) / (batch_size * grad_accumulation))
     args = TrainingArgs(
@@ -123,19 +128,20 @@ def run_training(
     learning_rate_schedule(args)  # a bad schedule is reported before training starts
     trainable = sum(v.size for _, v in tree_flatten(vlm.trainable_parameters()))
     total = sum(v.size for _, v in tree_flatten(vlm.parameters()))
-    print(
+    distributed.print_main(
         f"{len(train_set)} training / {len(valid_set)} validation records; LoRA on "
         f"{len(config['modules'])} layers: {trainable / 1e6:.3f}M trainable parameters "
-        f"({100 * trainable / total:.2f}%); {args.iters} steps ({asdict(args)})"
+        f"({100 * trainable / total:.2f}%); {args.iters} steps of {batch_size} records on "
+        f"{ranks} rank{'s' * (ranks > 1)} × {batch_size // ranks} records ({asdict(args)})"
     )
     history = train(
         vlm, processor, train_set, valid_set, args, adapter_path, config, kwargs, resume, progress
     )
-    print(f"Saved adapters to {adapter_path}")
+    distributed.print_main(f"Saved adapters to {adapter_path}")
     return history
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @model_option(help="Hub repo id or local path (quantized: QLoRA).")
 @click.option(
     "--data",
@@ -283,6 +289,8 @@ def run_training(
 @tiling_options
 def main(**options: Any) -> None:
     """Fine-tune LoRA adapters for a SmolVLM model on image-text conversations."""
+    check_int("seed", options["seed"], 0, MAX_SEED)
+    check_image_kwargs(image_kwargs(**options))
     try:
         run_training(**options)
     except (TrainingError, AdapterError, FileNotFoundError, ValueError) as e:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import itertools
 import json
 import queue
-import sys
+import select
+import socket
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,20 @@ from .generation.generate import render_prompt
 from .loading import load, resolve_model
 from .processing.fetch import FetchError, FetchLimits, open_image
 from .processing.image import load_image
-from .processing.messages import MessageError, request_messages
+from .processing.messages import IMAGE_TYPES, MessageError, request_messages
 from .processing.processor import IMAGE_TOKEN
 from .utils.options import dtype_option, image_kwargs, model_option, tiling_options
+from .utils.validation import (
+    MAX_SEED,
+    Command,
+    ValidationError,
+    check_float,
+    check_image_kwargs,
+    check_int,
+    check_text,
+)
 
+CLIENT_POLL_S = 0.25  # how often a waiting handler checks that its client is still there
 MAX_STOP_STRINGS = 4
 
 
@@ -71,10 +82,15 @@ class Limits:
     max_body_bytes: int = 20 * 2**20
     max_image_bytes: int = 20 * 2**20
     max_image_pixels: int = 4096 * 4096
-    max_tokens_cap: int = 2048
-    default_max_tokens: int = 512
+    max_total_pixels: int = 2 * 4096 * 4096  # all the images of one request together
+    max_images: int = 4
+    max_prompt_tokens: int = 4096  # after the images' tokens are counted
+    max_tokens_cap: int = 2048  # a larger max_tokens is a 400, as OpenAI answers
+    default_max_tokens: int = 512  # when the request names none (lowered to fit the window)
     allowed_image_dir: Path | None = None
     remote_images: bool = True  # fetch http(s) image URLs (off: only data: URLs and local files)
+    fetch_timeout: float = 15.0  # seconds for a whole remote image download
+    max_pending: int = 32  # requests queued or running; more are answered 503
 
 
 @dataclass
@@ -85,6 +101,7 @@ class ChatRequest:
     sampling: SamplingParams
     stream: bool = False
     seed: int | None = None
+    max_tokens_given: bool = False  # False: the default, which may be lowered to fit
 
     @property
     def batchable(self) -> bool:
@@ -102,47 +119,42 @@ def parse_request(body: bytes, limits: Limits) -> ChatRequest:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ApiError(f"the body is not valid JSON: {e}") from e
+    except RecursionError:
+        raise ApiError("the body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError("the body must be a JSON object")
     if data.get("n", 1) != 1:
         raise ApiError("only n=1 is supported", param="n")
-    max_tokens = _number(data, "max_tokens", int, 1, None, None)
-    max_tokens = _number(data, "max_completion_tokens", int, 1, None, max_tokens)
-    if max_tokens is not None and max_tokens > limits.max_tokens_cap:
-        print(
-            f"Warning: a request asked for max_tokens {max_tokens}; its answer stops at "
-            f"--max-tokens-cap {limits.max_tokens_cap}",
-            file=sys.stderr,
-            flush=True,
+    try:
+        max_tokens = _field(data, "max_tokens", check_int, 1)
+        max_tokens = _field(data, "max_completion_tokens", check_int, 1) or max_tokens
+        if max_tokens is not None and max_tokens > limits.max_tokens_cap:
+            raise ValidationError(
+                "max_tokens",
+                f"is {max_tokens}, above this server's cap of {limits.max_tokens_cap} "
+                "(--max-tokens-cap)",
+            )
+        sampling = SamplingParams(
+            max_tokens=max_tokens or min(limits.default_max_tokens, limits.max_tokens_cap),
+            # Greedy unless asked otherwise (OpenAI defaults to 1.0): small VLMs ramble sampled.
+            temperature=_field(data, "temperature", check_float, 0.0, 2.0) or 0.0,
+            top_p=_field(data, "top_p", check_float, 0.0, 1.0, low_open=True) or 1.0,
+            stop=_stop_strings(data.get("stop")),
         )
-    sampling = SamplingParams(
-        # Asking for more than the cap is not an error: the answer stops at the cap ("length").
-        max_tokens=min(max_tokens or limits.default_max_tokens, limits.max_tokens_cap),
-        # Greedy unless asked otherwise (OpenAI defaults to 1.0): small VLMs ramble when sampled.
-        temperature=float(_number(data, "temperature", float, 0.0, 2.0, 0.0)),
-        top_p=float(_number(data, "top_p", float, 0.0, 1.0, 1.0)),
-        stop=_stop_strings(data.get("stop")),
-    )
+        seed = _field(data, "seed", check_int, 0, MAX_SEED)
+    except ValidationError as e:
+        raise ApiError(str(e), param=e.param) from None
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError("stream must be true or false", param="stream")
     messages = _messages(data.get("messages"), limits)
-    return ChatRequest(messages, sampling, stream, _number(data, "seed", int, 0, 2**64 - 1, None))
+    return ChatRequest(messages, sampling, stream, seed, max_tokens is not None)
 
 
-def _number(data: dict, key: str, kind: type, low: Any, high: Any, default: Any) -> Any:
-    """A numeric field checked for type and range, or `default` when absent or null."""
+def _field(data: dict, key: str, check: Callable, *args: Any, **kwargs: Any) -> Any:
+    """A field checked by the validation layer, or None when absent or null."""
     value = data.get(key)
-    if value is None:
-        return default
-    types = (int, float) if kind is float else (int,)
-    if isinstance(value, bool) or not isinstance(value, types):
-        raise ApiError(f"{key} must be a{'n integer' if kind is int else ' number'}", param=key)
-    if low is not None and value < low:
-        raise ApiError(f"{key} must be at least {low}", param=key)
-    if high is not None and value > high:
-        raise ApiError(f"{key} must be at most {high}", param=key)
-    return value
+    return None if value is None else check(key, value, *args, **kwargs)
 
 
 def _stop_strings(stop: Any) -> tuple[str, ...]:
@@ -159,35 +171,73 @@ def _stop_strings(stop: Any) -> tuple[str, ...]:
             f"stop must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings",
             param="stop",
         )
-    return tuple(stops)
+    return tuple(_text(s, "stop") for s in stops)
 
 
 def _messages(messages: Any, limits: Limits) -> list[dict]:
     """Checked messages with each image part replaced by the loaded image."""
+    if isinstance(messages, list):
+        images = sum(
+            isinstance(part, dict) and part.get("type") in IMAGE_TYPES
+            for message in messages
+            if isinstance(message, dict) and isinstance(message.get("content"), list)
+            for part in message["content"]
+        )
+        if images > limits.max_images:  # counted before any image is fetched
+            raise ApiError(
+                f"the request has {images} images; this server takes at most "
+                f"{limits.max_images} (--max-images)",
+                param="messages",
+                code="too_many_images",
+            )
+    budget = [limits.max_total_pixels]  # pixels the request's images may still use
+
+    def fetch(url: str, where: str) -> Image.Image:
+        image = fetch_image(url, limits, where, budget[0])
+        budget[0] -= image.width * image.height
+        return image
+
     try:
-        return request_messages(messages, lambda url, where: fetch_image(url, limits, where))
+        return request_messages(messages, fetch)
     except MessageError as e:
         raise ApiError(str(e), param=e.where) from e
+
+
+def _text(text: str, where: str) -> str:
+    """Text that the tokenizer can take (no lone surrogates)."""
+    try:
+        return check_text(where, text)
+    except ValidationError as e:
+        raise ApiError(str(e), param=where) from None
 
 
 # ---------------------------------------------------------------------------
 # Images
 
 
-def fetch_image(url: str, limits: Limits, where: str = "image_url") -> Image.Image:
-    """Load a data URL, an http(s) URL or an allow-listed local file within the size limits."""
+def fetch_image(
+    url: str, limits: Limits, where: str = "image_url", pixel_budget: int | None = None
+) -> Image.Image:
+    """Load a data URL, an http(s) URL or an allow-listed local file within the size limits.
+
+    `pixel_budget` is what the request's images may still use of `max_total_pixels`.
+    """
+    budget = limits.max_total_pixels if pixel_budget is None else pixel_budget
     fetch_limits = FetchLimits(
         max_bytes=limits.max_image_bytes,
-        max_pixels=limits.max_image_pixels,
+        max_pixels=min(limits.max_image_pixels, budget),
         remote=limits.remote_images,
         local=limits.allowed_image_dir is not None,
         allowed_dir=limits.allowed_image_dir,
+        timeout=limits.fetch_timeout,
     )
     try:
         image = open_image(url, fetch_limits, where)
     except FetchError as e:
         if e.too_large:
-            raise ApiError(str(e), 413, where, "image_too_large") from e
+            total = budget < limits.max_image_pixels
+            note = " (the request's images exceed --max-total-pixels together)" if total else ""
+            raise ApiError(str(e) + note, 413, where, "image_too_large") from e
         raise ApiError(str(e), param=where) from e
     # The same EXIF rotation and RGB conversion that `generate` applies to files and URLs.
     return load_image(image)
@@ -213,13 +263,30 @@ class Job:
         self.finished = result.finish_reason is not None
         self.events.put(result)
 
-    def results(self) -> Iterator[GenerationResult]:
-        """The results as the worker produces them, up to the final one."""
+    def results(self, client_alive: Callable[[], bool] | None = None) -> Iterator[GenerationResult]:
+        """The results as the worker produces them, up to the final one.
+
+        While waiting, `client_alive` is asked a few times a second; once it says no, the job
+        is cancelled (the worker drops it or stops it at its next token) and `ClientGone` is
+        raised.
+        """
+        next_check = time.monotonic() + CLIENT_POLL_S
         while True:
-            event = self.events.get()
+            try:
+                event = self.events.get(timeout=CLIENT_POLL_S)
+            except queue.Empty:
+                event = None
+            if client_alive is not None and time.monotonic() >= next_check:
+                next_check = time.monotonic() + CLIENT_POLL_S
+                if not client_alive():
+                    self.cancelled.set()
+                    raise ClientGone()
+            if event is None:
+                continue
             if isinstance(event, Exception):
+                # The details go to the server log, never to the client.
                 raise ApiError(
-                    f"generation failed: {type(event).__name__}: {event}",
+                    "generation failed; the server log has the details",
                     500,
                     code="generation_failed",
                     kind="server_error",
@@ -227,6 +294,10 @@ class Job:
             yield event
             if event.finish_reason is not None:
                 return
+
+
+class ClientGone(Exception):
+    """The client closed its connection while its request waited or ran."""
 
 
 class Worker(threading.Thread):
@@ -248,6 +319,7 @@ class Worker(threading.Thread):
         self.held: Job | None = None  # taken while gathering a batch it cannot join
         self.batches = 0
         self.largest_batch = 0
+        self.cancelled = 0
 
     def submit(self, request: ChatRequest) -> Job:
         """Queue a request; its results arrive on the returned job."""
@@ -261,6 +333,7 @@ class Worker(threading.Thread):
             "queued": self.jobs.qsize(),
             "batches": self.batches,
             "largest_batch": self.largest_batch,
+            "cancelled": self.cancelled,
         }
 
     def run(self) -> None:
@@ -285,7 +358,9 @@ class Worker(threading.Thread):
 
     def _run(self, jobs: list[Job]) -> None:
         """Generate for the jobs; an exception becomes each unfinished job's error, never the thread's."""
-        jobs = [job for job in jobs if not job.cancelled.is_set()]
+        live = [job for job in jobs if not job.cancelled.is_set()]
+        self.cancelled += len(jobs) - len(live)
+        jobs = live
         if not jobs:
             return
         self.batches += 1
@@ -315,6 +390,7 @@ class Worker(threading.Thread):
             **self.image_kwargs,
         )
         for i, result in events:
+            self.cancelled += result.finish_reason == "cancelled"
             jobs[i].put(result)
 
 
@@ -326,15 +402,34 @@ class Server(ThreadingHTTPServer):
     """The HTTP server and what its handlers share."""
 
     daemon_threads = True
+    # Connections waiting to be accepted: a burst queues here instead of being reset.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], worker: Worker, limits: Limits, model_id: str):
         super().__init__(address, Handler)
         self.worker, self.limits, self.model_id = worker, limits, model_id
         self.created = int(time.time())
+        self.pending = 0  # chat requests being checked, queued or generated
+        self.lock = threading.Lock()
+
+    def admit(self) -> bool:
+        """Take a place for one more chat request, unless `max_pending` are in already."""
+        with self.lock:
+            if self.pending >= self.limits.max_pending:
+                return False
+            self.pending += 1
+            return True
+
+    def release(self) -> None:
+        with self.lock:
+            self.pending -= 1
+
+
+ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST"}
 
 
 class Handler(BaseHTTPRequestHandler):
-    """GET /health, GET /v1/models, POST /v1/chat/completions."""
+    """GET /health, GET /v1/models, POST /v1/chat/completions; JSON errors for the rest."""
 
     server: Server
     protocol_version = "HTTP/1.1"  # keep-alive; streams use chunked transfer encoding
@@ -344,28 +439,59 @@ class Handler(BaseHTTPRequestHandler):
     drain_limit = 64 * 2**20
 
     def do_GET(self) -> None:
-        if self.path == "/health":
+        if self._route("GET") is None:
+            return
+        if self.path.split("?", 1)[0] == "/health":
             self._json(200, {"status": "ok", **self.server.worker.stats()})
-        elif self.path == "/v1/models":
-            model = {
-                "id": self.server.model_id,
-                "object": "model",
-                "created": self.server.created,
-                "owned_by": "mlx-smolvlm",
-            }
-            self._json(200, {"object": "list", "data": [model]})
-        else:
-            self._error(ApiError(f"no route GET {self.path}", 404, code="not_found"))
+            return
+        model = {
+            "id": self.server.model_id,
+            "object": "model",
+            "created": self.server.created,
+            "owned_by": "mlx-smolvlm",
+        }
+        self._json(200, {"object": "list", "data": [model]})
 
     def do_POST(self) -> None:
         try:
             body = self._body()
-            if self.path != "/v1/chat/completions":
-                raise ApiError(f"no route POST {self.path}", 404, code="not_found")
+            if self._route("POST") is None:
+                return
+        except ApiError as e:
+            self._error(e)
+            return
+        if not self.server.admit():
+            self._error(
+                ApiError(
+                    f"the server is busy ({self.server.limits.max_pending} requests in); "
+                    "retry shortly",
+                    503,
+                    code="server_busy",
+                    kind="server_error",
+                ),
+                {"Retry-After": "1"},
+            )
+            return
+        try:
+            self._chat(body)
+        except ClientGone:
+            self.close_connection = True
+        except Exception:
+            # A bug, not the client's fault: the log has it, the client a generic 500.
+            traceback.print_exc()
+            self.close_connection = True
+            self._error(
+                ApiError("internal server error", 500, code="internal_error", kind="server_error")
+            )
+        finally:
+            self.server.release()
+
+    def _chat(self, body: bytes) -> None:
+        try:
             request = parse_request(body, self.server.limits)
             self._check_prompt(request)
             job = self.server.worker.submit(request)
-            results = job.results()
+            results = job.results(self._client_alive)
             first = next(results)  # wait before answering: an early failure is still a 500
         except ApiError as e:
             self._error(e)
@@ -374,6 +500,52 @@ class Handler(BaseHTTPRequestHandler):
             self._stream(job, itertools.chain([first], results))
         else:
             self._complete(itertools.chain([first], results))
+
+    def _method_not_allowed(self) -> None:
+        if self._route(self.command) is not None:  # a route that takes this method
+            self._error(ApiError(f"{self.command} is not supported", 405, code="bad_method"))
+
+    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_TRACE = _method_not_allowed
+
+    def _route(self, method: str) -> str | None:
+        """The route's method when it is `method`; otherwise answer 404 or 405 and give None."""
+        allowed = ROUTES.get(self.path.split("?", 1)[0])
+        if allowed is None:
+            self._error(ApiError(f"no route {method} {self.path:.200}", 404, code="not_found"))
+            return None
+        if allowed != method:
+            self._error(
+                ApiError(
+                    f"{self.path} takes {allowed}, not {method}",
+                    405,
+                    code="method_not_allowed",
+                ),
+                {"Allow": allowed},
+            )
+            return None
+        return allowed
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The standard library's own errors (bad request line, unknown method...) as JSON."""
+        if code == 501:  # a method nobody here takes
+            code, message = 405, f"{self.command!r:.40} is not supported"
+        # A garbled request line leaves the version at HTTP/0.9, which would drop the status line.
+        self.request_version = self.protocol_version
+        self.close_connection = True
+        try:
+            self._error(ApiError(message or "bad request", code, code="bad_request"))
+        except OSError:
+            pass
+
+    def _client_alive(self) -> bool:
+        """Whether the client still holds its connection open (it may have sent more)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            if not readable:
+                return True
+            return self.connection.recv(1, socket.MSG_PEEK) != b""
+        except (OSError, ValueError):
+            return False
 
     def _body(self) -> bytes:
         """The request body, within the size limit."""
@@ -402,13 +574,44 @@ class Handler(BaseHTTPRequestHandler):
             length -= len(data)
 
     def _check_prompt(self, request: ChatRequest) -> None:
-        """Render the chat template here so that bad messages are a 400, not a worker error."""
+        """Render and count the prompt here, so that bad or oversized messages are a 400
+        before the worker spends time on them; fit the default max_tokens to the window."""
+        worker, limits = self.server.worker, self.server.limits
         try:
-            text, images, _ = render_prompt(self.server.worker.processor, request.messages)
+            text, images, _ = render_prompt(worker.processor, request.messages)
+        except ApiError:
+            raise
         except Exception as e:
-            raise ApiError(f"messages cannot be rendered: {e}", param="messages") from e
+            reason = " ".join(str(e).split())[:300]
+            raise ApiError(f"messages cannot be rendered: {reason}", param="messages") from e
         if text.count(IMAGE_TOKEN) != len(images):
             raise ApiError(f"message text may not contain {IMAGE_TOKEN} itself", param="messages")
+        try:
+            ids = worker.processor(
+                text=text, images=images or None, return_tensors=None, **worker.image_kwargs
+            )["input_ids"][0]
+        except (ValueError, OSError) as e:
+            reason = " ".join(str(e).split())[:300]
+            raise ApiError(f"the images cannot be processed: {reason}", param="messages") from e
+        window = worker.model.config.text_config.max_position_embeddings
+        most = min(limits.max_prompt_tokens, window - 1)
+        if len(ids) > most:
+            raise ApiError(
+                f"the prompt has {len(ids)} tokens (images included); this server takes at "
+                f"most {most} (--max-prompt-tokens, context window {window})",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        room = window - len(ids)
+        if request.sampling.max_tokens > room:
+            if request.max_tokens_given:
+                raise ApiError(
+                    f"max_tokens {request.sampling.max_tokens} does not fit: the "
+                    f"{len(ids)}-token prompt leaves {room} of the {window}-token context window",
+                    param="max_tokens",
+                    code="context_length_exceeded",
+                )
+            request.sampling = replace(request.sampling, max_tokens=room)
 
     def _complete(self, results: Iterator[GenerationResult]) -> None:
         text = []
@@ -468,18 +671,21 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         self.wfile.flush()
 
-    def _json(self, status: int, body: dict) -> None:
+    def _json(self, status: int, body: dict, headers: dict | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
-    def _error(self, error: ApiError) -> None:
-        self._json(error.status, error.body())
+    def _error(self, error: ApiError, headers: dict | None = None) -> None:
+        self._json(error.status, error.body(), headers)
 
 
 def _usage(result: GenerationResult) -> dict:
@@ -507,13 +713,27 @@ def create_server(
     return Server((host, port), worker, limits or Limits(), model_id)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def model_name(model: str) -> str:
+    """What /v1/models and the answers call the model: a local folder's name, never its path."""
+    return Path(model).expanduser().name if Path(model).expanduser().exists() else model
+
+
+POSITIVE = click.IntRange(min=1)
+
+
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @model_option(adapter_default=True)
 @click.option(
     "--adapter-path", default=None, help="LoRA adapters to apply (from mlx_smolvlm.lora)."
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8080, show_default=True, help="Port (0 picks a free one).")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="Port (0 picks a free one).",
+)
 @click.option(
     "--allowed-image-dir",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -527,17 +747,65 @@ def create_server(
     help="Fetch http(s) image URLs for clients (turn off when clients may reach addresses "
     "the server can but they should not).",
 )
-@click.option("--max-tokens-cap", default=2048, show_default=True, help="Most tokens per answer.")
-@click.option("--max-body-bytes", default=20 * 2**20, show_default=True, help="Request size limit.")
-@click.option("--max-image-bytes", default=20 * 2**20, show_default=True, help="Per image.")
-@click.option("--max-image-pixels", default=4096 * 4096, show_default=True, help="Per image.")
+@click.option(
+    "--max-tokens-cap",
+    type=POSITIVE,
+    default=2048,
+    show_default=True,
+    help="Most tokens per answer; a request asking for more is a 400.",
+)
+@click.option(
+    "--max-prompt-tokens",
+    type=POSITIVE,
+    default=4096,
+    show_default=True,
+    help="Most prompt tokens per request, images included (never above the context window).",
+)
+@click.option("--max-images", type=POSITIVE, default=4, show_default=True, help="Per request.")
+@click.option(
+    "--max-body-bytes",
+    type=POSITIVE,
+    default=20 * 2**20,
+    show_default=True,
+    help="Request size limit.",
+)
+@click.option(
+    "--max-image-bytes", type=POSITIVE, default=20 * 2**20, show_default=True, help="Per image."
+)
+@click.option(
+    "--max-image-pixels", type=POSITIVE, default=4096 * 4096, show_default=True, help="Per image."
+)
+@click.option(
+    "--max-total-pixels",
+    type=POSITIVE,
+    default=2 * 4096 * 4096,
+    show_default=True,
+    help="All the images of one request together.",
+)
+@click.option(
+    "--fetch-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=15.0,
+    show_default=True,
+    help="Seconds for a whole remote image download.",
+)
+@click.option(
+    "--max-pending",
+    type=POSITIVE,
+    default=32,
+    show_default=True,
+    help="Chat requests in at once (queued or running); more are answered 503.",
+)
 @click.option(
     "--batch-window-ms",
+    type=click.FloatRange(min=0),
     default=10.0,
     show_default=True,
     help="How long the worker waits for more requests to batch with the first one.",
 )
-@click.option("--max-batch-size", default=8, show_default=True, help="Most requests per batch.")
+@click.option(
+    "--max-batch-size", type=POSITIVE, default=8, show_default=True, help="Most requests per batch."
+)
 @dtype_option()
 @tiling_options
 def main(
@@ -548,9 +816,14 @@ def main(
     allowed_image_dir,
     remote_images,
     max_tokens_cap,
+    max_prompt_tokens,
+    max_images,
     max_body_bytes,
     max_image_bytes,
     max_image_pixels,
+    max_total_pixels,
+    fetch_timeout,
+    max_pending,
     batch_window_ms,
     max_batch_size,
     dtype,
@@ -563,22 +836,28 @@ def main(
         max_body_bytes=max_body_bytes,
         max_image_bytes=max_image_bytes,
         max_image_pixels=max_image_pixels,
+        max_total_pixels=max_total_pixels,
+        max_images=max_images,
+        max_prompt_tokens=max_prompt_tokens,
         max_tokens_cap=max_tokens_cap,
         default_max_tokens=min(512, max_tokens_cap),
         allowed_image_dir=allowed_image_dir,
         remote_images=remote_images,
+        fetch_timeout=fetch_timeout,
+        max_pending=max_pending,
     )
     kwargs = image_kwargs(no_image_splitting, longest_edge, max_tiles)
+    check_image_kwargs(kwargs)
     try:
         vlm, processor = load(model, adapter_path=adapter_path, dtype=dtype)
+        name = model_name(str(model or resolve_model(None, adapter_path)[0]))
+        server = create_server(
+            vlm, processor, name, host, port, limits, batch_window_ms, max_batch_size, kwargs
+        )
     except (FileNotFoundError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e
-    model = str(model or resolve_model(None, adapter_path)[0])
-    server = create_server(
-        vlm, processor, model, host, port, limits, batch_window_ms, max_batch_size, kwargs
-    )
     host, port = server.server_address[:2]
-    print(f"Serving {model} on http://{host}:{port}", flush=True)
+    print(f"Serving {name} on http://{host}:{port}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ import mlx_smolvlm  # noqa: F401  (loads the fast CPU BLAS before any test impor
 SHARED = Path(os.environ.get("SMOLVLM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 MODELS = SHARED / "models"
 # Skip reasons that mean CI is missing something it must have (CI=true turns them into failures).
-REQUIRED_IN_CI = ("../shared", "SMOLVLM_VIDEO_REF_PYTHON")
+REQUIRED_IN_CI = ("../shared", "SMOLVLM_VIDEO_REF_PYTHON", "SMOLVLM_COLPALI_REF_PYTHON")
 
 
 def real_model_dir(name: str = "SmolVLM-256M-Instruct") -> Path:

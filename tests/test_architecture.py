@@ -10,7 +10,16 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_smolvlm"
 # Optional dependencies, imported where they are used so that the package works without them.
-OPTIONAL = {"threadpoolctl", "matplotlib", "av", "readline", "torch", "transformers"}
+OPTIONAL = {
+    "threadpoolctl",
+    "matplotlib",
+    "av",
+    "torch",
+    "transformers",
+    "readline",
+    "docling_core",
+    "pypdfium2",
+}
 
 
 def module_name(path: Path) -> str:
@@ -93,7 +102,18 @@ def test_model_is_pure_mlx():
 
 
 def test_library_packages_do_not_import_the_clis():
-    clis = {f"mlx_smolvlm.{c}" for c in ("generate", "chat", "convert", "lora", "fuse", "server")}
+    commands = (
+        "generate",
+        "chat",
+        "convert",
+        "lora",
+        "fuse",
+        "server",
+        "docling",
+        "caption",
+        "retrieve",
+    )
+    clis = {f"mlx_smolvlm.{c}" for c in commands}
     for name in MODULES:
         if name.count(".") > 1 or name == "mlx_smolvlm" or name == "mlx_smolvlm.loading":
             assert not {t for t, _ in imports(name)} & clis, name

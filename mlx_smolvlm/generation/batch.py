@@ -10,6 +10,7 @@ stop string, `max_tokens`) is filtered out of the cache and the others carry on.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,6 +23,14 @@ from mlx_lm.sample_utils import make_sampler
 from ..backends.cpu import prepare
 from ..model import Model
 from ..model.mask import with_self
+from ..utils.validation import (
+    IMAGE_KWARGS,
+    check_image_kwargs,
+    check_int,
+    check_keywords,
+    check_sampling,
+    fit_to_window,
+)
 from .cache import make_cache
 from .generate import GenerationResult, render_prompt
 
@@ -81,6 +90,8 @@ class _Sequence:
     def add(self, token: int, eos: Iterable[int]) -> str:
         """Take one sampled token; return the text that may be handed out now."""
         result = self.result
+        if self.params.max_tokens == 0:
+            return self._finish("length")
         result.token = token
         if token in eos:
             return self._finish("stop")
@@ -201,15 +212,23 @@ def batch_stream_generate(
     Each prompt's last result has its `finish_reason` set ("stop", "length", or "cancelled"
     when `should_stop(index)` turned true). `sampling` gives each prompt its own
     `SamplingParams`; otherwise the keyword arguments apply to all. `eos_token_ids`
-    replaces the tokenizer's end-of-turn tokens (an empty set never stops early).
+    replaces the tokenizer's end-of-turn tokens (an empty set never stops early). Each
+    prompt's `max_tokens` is lowered to what the context window leaves after it (its
+    results' `notice` says so); a prompt that fills the window is an error.
     """
+    check_keywords("batch_stream_generate", image_kwargs, [*IMAGE_KWARGS, *BATCH_PARAMETERS])
+    check_image_kwargs(image_kwargs)
+    check_int("prefill_step_size", prefill_step_size, 1)
+    check_int("vision_chunk_size", vision_chunk_size, 1)
     prepare(model)
-    if seed is not None:
-        mx.random.seed(seed)
     shared = SamplingParams(max_tokens, temperature, top_p, top_k, min_p, tuple(stop))
     params = list(sampling) if sampling is not None else [shared] * len(prompts)
     if len(params) != len(prompts):
         raise ValueError(f"got {len(params)} sampling entries for {len(prompts)} prompts")
+    for p in params:
+        check_sampling(p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p, seed=seed)
+    if seed is not None:
+        mx.random.seed(seed)
     if not prompts:
         return
     tokenizer = processor.tokenizer
@@ -217,9 +236,12 @@ def batch_stream_generate(
     start = time.perf_counter()
     inputs = render_batch(processor, prompts, images, system, **image_kwargs)
     prompt_lengths = inputs["attention_mask"].sum(axis=1).tolist()
+    window = model.config.text_config.max_position_embeddings
+    fitted = [fit_to_window(n, p.max_tokens, window) for p, n in zip(params, prompt_lengths)]
+    params = [replace(p, max_tokens=m) for p, (m, _) in zip(params, fitted)]
     sequences = [
-        _Sequence(p, tokenizer.detokenizer, GenerationResult(prompt_tokens=n))
-        for p, n in zip(params, prompt_lengths)
+        _Sequence(p, tokenizer.detokenizer, GenerationResult(prompt_tokens=n, notice=notice))
+        for p, n, (_, notice) in zip(params, prompt_lengths, fitted)
     ]
     capacity = inputs["input_ids"].shape[1] + max(p.max_tokens for p in params)
     cache, logits = _prefill(model, inputs, capacity, prefill_step_size, vision_chunk_size)
@@ -250,6 +272,9 @@ def batch_stream_generate(
         tokens = following
 
 
+BATCH_PARAMETERS = tuple(inspect.signature(batch_stream_generate).parameters)[:-1]
+
+
 def _snapshot(
     sequence: _Sequence, segment: str, prompt_tps: float, decode_start: float
 ) -> GenerationResult:
@@ -275,6 +300,7 @@ def batch_generate(
     `images[i]` is prompt i's image, list of images, or None; keyword arguments are those of
     `batch_stream_generate`. Greedy results equal `generate(...)` run on each prompt alone.
     """
+    check_keywords("batch_generate", kwargs, [*IMAGE_KWARGS, *BATCH_PARAMETERS])
     texts: list[list[str]] = [[] for _ in prompts]
     results = [GenerationResult() for _ in prompts]
     for i, result in batch_stream_generate(model, processor, prompts, images, **kwargs):

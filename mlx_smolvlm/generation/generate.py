@@ -8,6 +8,8 @@ conversation's KV cache so that a new turn prefills only its new tokens and new 
 
 from __future__ import annotations
 
+import inspect
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -21,6 +23,16 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from ..backends.cpu import prepare
 from ..model import Model
 from ..processing.messages import prompt_messages
+from ..utils.validation import (
+    IMAGE_KWARGS,
+    check_image_kwargs,
+    check_int,
+    check_keywords,
+    check_kv,
+    check_sampling,
+    check_text,
+    fit_to_window,
+)
 from .cache import PromptCache
 
 
@@ -37,6 +49,7 @@ class GenerationResult:
     generation_tps: float = 0.0
     peak_memory: float = 0.0  # GB, as reported by mx.get_peak_memory()
     finish_reason: str | None = None  # "stop" (end-of-turn token) or "length" (max_tokens)
+    notice: str | None = None  # e.g. max_tokens lowered to fit the context window
 
     def __str__(self) -> str:
         """The text, so that `print(generate(...))` prints the answer as with mlx-vlm."""
@@ -72,9 +85,10 @@ def render_prompt(
                 "system cannot be added to a prompt that is already rendered with the chat "
                 "template: put it in the messages you render"
             )
-        return prompt, _as_list(image), _as_list(video)
+        return check_text("prompt", prompt), _as_list(image), _as_list(video)
     messages, images, videos = prompt_messages(prompt, _as_list(image), _as_list(video), system)
-    return processor.apply_chat_template(messages, add_generation_prompt=True), images, videos
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return check_text("prompt", text), images, videos
 
 
 def prepare_inputs(
@@ -123,26 +137,36 @@ def stream_generate(
     """Yield a `GenerationResult` per generated token (`text` holds the new text segment).
 
     `video` adds a video (SmolVLM2); `fps` and `max_frames` in `image_kwargs` override the
-    checkpoint's frame sampling. `progress(stage, done, total)` hears how the prompt goes:
-    stage "tiles" (image tiles encoded) then "prefill" (prompt tokens in the KV cache).
+    checkpoint's frame sampling. `max_tokens` is lowered to what the context window leaves
+    after the prompt (the results' `notice` says so); a prompt that fills it is an error; with
+    `max_tokens=0` nothing is encoded or prefilled. `progress(stage, done, total)` hears how
+    the prompt goes: stage "tiles" (image tiles encoded) then "prefill" (prompt tokens in the
+    KV cache).
     """
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    check_keywords("stream_generate", image_kwargs, [*IMAGE_KWARGS, *STREAM_PARAMETERS])
+    check_sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed)
+    check_kv(kv_bits, kv_group_size, max_kv_size, model.config.text_config.head_dim)
+    check_image_kwargs(image_kwargs)
+    check_int("prefill_step_size", prefill_step_size, 1)
+    check_int("vision_chunk_size", vision_chunk_size, 1)
     prepare(model)
     if seed is not None:
         mx.random.seed(seed)
-    if kv_bits is not None and max_kv_size is not None:
-        raise ValueError(
-            "kv_bits and max_kv_size cannot be combined (mlx-lm has no rotating quantized cache)"
-        )
     # Quantization groups run along head_dim (64 in the family).
     kv_group_size = kv_group_size or min(64, model.config.text_config.head_dim)
     tokenizer = processor.tokenizer
     start = time.perf_counter()
     inputs = prepare_inputs(processor, prompt, image, system, video=video, **image_kwargs)
     ids = [int(t) for t in inputs["input_ids"][0]]
-    prompt_cache = prompt_cache or PromptCache(model, max_kv_size)
     config = model.config
+    # The cache is sized by what can be generated, never by an unchecked max_tokens.
+    max_tokens, notice = fit_to_window(
+        len(ids), max_tokens, config.text_config.max_position_embeddings
+    )
+    if max_tokens == 0:  # nothing to generate: no image encoding, no prefill
+        yield GenerationResult(finish_reason="length", notice=notice)
+        return
+    prompt_cache = prompt_cache or PromptCache(model, max_kv_size)
     reused = prompt_cache.reuse(ids, config.image_token_id, config.image_seq_len)
     new_ids = ids[reused:]
     cache = prompt_cache.ensure(ids, config.image_token_id, len(new_ids) + max_tokens)
@@ -179,7 +203,7 @@ def stream_generate(
         input_embeddings=embeddings,
         prompt_progress_callback=progress and partial(progress, "prefill"),
     )
-    result = GenerationResult(prompt_tokens=len(new_ids))
+    result = GenerationResult(prompt_tokens=len(new_ids), notice=notice)
     decode_start = start
     for n, (token, _) in enumerate(steps):
         if n == 0:
@@ -232,6 +256,9 @@ def encode_tiles(
     return mx.concatenate(parts)
 
 
+STREAM_PARAMETERS = tuple(inspect.signature(stream_generate).parameters)[:-1]  # not **image_kwargs
+
+
 def generate(
     model: Model,
     processor: Any,
@@ -241,9 +268,12 @@ def generate(
     **kwargs: Any,
 ) -> GenerationResult:
     """Generate a whole answer; with `verbose`, stream it to stdout and print statistics."""
+    check_keywords("generate", kwargs, [*IMAGE_KWARGS, *STREAM_PARAMETERS, "verbose"])
     text = []
     result = GenerationResult()
     for result in stream_generate(model, processor, prompt, image, **kwargs):
+        if verbose and not text and result.notice:
+            print(f"[{result.notice}]", file=sys.stderr, flush=True)
         text.append(result.text)
         if verbose:
             print(result.text, end="", flush=True)

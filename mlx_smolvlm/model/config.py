@@ -239,7 +239,7 @@ def load_config(model_path: str | Path) -> tuple[ModelConfig, dict]:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: not a SmolVLM checkpoint directory")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        raw = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ConfigError(f"{path}: invalid JSON ({e})") from e
     return ModelConfig.from_dict(raw, source=str(path)), raw

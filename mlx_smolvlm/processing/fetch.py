@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,10 @@ class FetchLimits:
     remote: bool = True  # fetch http(s) URLs
     local: bool = True  # read local files
     allowed_dir: Path | None = None  # local files only under this directory (relative to it)
-    timeout: float = 10.0
+    timeout: float = 10.0  # seconds for a whole download, not only for each socket operation
+
+
+FETCH_STEP_S = 5.0  # longest wait for any one socket operation of a download
 
 
 class FetchError(ValueError):
@@ -77,15 +81,26 @@ def _data_url_bytes(url: str, where: str | None) -> bytes:
 
 
 def _download(url: str, limits: FetchLimits, where: str | None) -> bytes:
-    """The bytes behind an http(s) URL, reading no more than the limit allows."""
+    """The bytes behind an http(s) URL, reading no more than the limit allows, within about
+    `limits.timeout` seconds in all: a host that trickles its answer is cut off too."""
+    deadline = time.monotonic() + limits.timeout
+    # One byte past the limit is enough to know the image is too large.
+    most = None if limits.max_bytes is None else limits.max_bytes + 1
+    data = bytearray()
     try:
-        with urllib.request.urlopen(url, timeout=limits.timeout) as response:
-            if limits.max_bytes is None:
-                return response.read()
-            # One byte past the limit is enough to know the image is too large.
-            return response.read(limits.max_bytes + 1)
+        # Each socket operation waits at most a step; the deadline is checked between reads.
+        with urllib.request.urlopen(url, timeout=min(FETCH_STEP_S, limits.timeout)) as response:
+            while most is None or len(data) < most:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no whole image within {limits.timeout:g} s")
+                chunk = response.read1(2**16 if most is None else min(2**16, most - len(data)))
+                if not chunk:
+                    break
+                data += chunk
     except (OSError, ValueError) as e:
-        raise FetchError(f"Cannot download image {url}: {e}", where) from e
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise FetchError(f"Cannot download image {url:.200}: {reason}", where) from e
+    return bytes(data)
 
 
 def _local_file(source: str | Path, limits: FetchLimits, where: str | None) -> Path:
@@ -98,9 +113,14 @@ def _local_file(source: str | Path, limits: FetchLimits, where: str | None) -> P
         )
     if limits.allowed_dir is not None:
         allowed = limits.allowed_dir.resolve()
-        path = (allowed / Path(str(source).removeprefix("file://")).expanduser()).resolve()
-        if not path.is_relative_to(allowed) or not path.is_file():
-            raise FetchError(f"no image file {source} in the allowed directory", where)
+        missing = FetchError(f"no image file {str(source)!r:.200} in the allowed directory", where)
+        try:
+            path = (allowed / Path(str(source).removeprefix("file://")).expanduser()).resolve()
+            if not path.is_relative_to(allowed) or not path.is_file():
+                raise missing
+        # A NUL byte, an over-long name or a symlink loop: the client's mistake, said as such.
+        except (OSError, ValueError, RuntimeError):
+            raise missing from None
     else:
         path = Path(source).expanduser()
         if not path.exists():
@@ -132,6 +152,11 @@ def _decode(stream: Any, name: str, limits: FetchLimits, where: str | None) -> I
         raise FetchError(f"the image is too large: {name}: {e}", where, True) from e
     except UnidentifiedImageError as e:
         raise FetchError(f"{name} is not an image PIL can read", where) from e
-    except OSError as e:
-        raise FetchError(f"Cannot read image {name}: {e}", where) from e
+    except FetchError:
+        raise
+    # Whatever PIL raises on hostile bytes (OSError, SyntaxError, struct.error...) is a bad
+    # image, never a crash.
+    except Exception as e:
+        reason = " ".join(str(e).split())[:200]
+        raise FetchError(f"Cannot read image {name}: {reason}", where) from e
     return image

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..utils.validation import check_resize_shape
 from .fetch import FetchLimits, open_image
 
 # Absolute cap on the resized longest edge, as in the reference ("4k resolution").
@@ -386,6 +387,7 @@ def _pad(frames: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
 
 def load_images(sources: Any, resize_shape: tuple[int, int] | None = None) -> list[Image.Image]:
     """Load images (paths, URLs...), each resized to HEIGHT x WIDTH `resize_shape` if given."""
+    check_resize_shape(resize_shape)
     images = [load_image(source) for source in sources]
     if resize_shape:
         height, width = resize_shape

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..utils.validation import ValidationError, check_text
+
 ROLES = ("system", "user", "assistant")
 IMAGE_TYPES = ("image", "image_url")
 SOURCE_KEYS = {"image": ("image", "path", "url"), "video": ("video", "path", "url")}
@@ -229,17 +231,27 @@ def request_messages(messages: Any, load_image: Any) -> list[dict]:
                 request_part(part, f"{where}.content[{j}]", load_image)
                 for j, part in enumerate(content)
             ]
-        elif not isinstance(content, str):
+        elif isinstance(content, str):
+            request_text(content, f"{where}.content")
+        else:
             raise MessageError(where, "content must be a string or a list of parts")
         out.append({"role": message["role"], "content": content})
     return out
+
+
+def request_text(text: str, where: str) -> str:
+    """Text a client sent, which must be valid Unicode (JSON can carry lone surrogates)."""
+    try:
+        return check_text(where, text)
+    except ValidationError as e:
+        raise MessageError(where, e.detail) from None
 
 
 def request_part(part: Any, where: str, load_image: Any) -> dict:
     """One content part: text stays, an image_url part becomes an image part."""
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text" and isinstance(part.get("text"), str):
-        return {"type": "text", "text": part["text"]}
+        return {"type": "text", "text": request_text(part["text"], f"{where}.text")}
     if kind == "image_url":
         url = part_source(part)
         if not isinstance(url, str) or not url:

@@ -242,7 +242,7 @@ def load_video(
 def _import_av() -> Any:
     """PyAV, or an ImportError that says how to install it."""
     try:
-        import av
+        import av  # optional dependency: the [video] extra
     except ImportError as err:
         raise ImportError(
             "Reading video files needs PyAV: pip install 'mlx-smolvlm[video]' (or pip install av)"

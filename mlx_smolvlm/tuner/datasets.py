@@ -75,7 +75,13 @@ def data_files(data: str | Path, valid_data: str | Path | None = None) -> tuple[
 def read_jsonl(file: Path) -> list[tuple[int, Any]]:
     """(line number, JSON value) for every non-blank line of `file`."""
     records = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(file.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TrainingError(
+                f"{file}:{number}: not valid UTF-8 (byte {raw[e.start]:#04x} at byte {e.start + 1})"
+            ) from None
         if not line.strip():
             continue
         try:
@@ -84,6 +90,8 @@ def read_jsonl(file: Path) -> list[tuple[int, Any]]:
             raise TrainingError(
                 f"{file}:{number}: invalid JSON ({e.msg} at column {e.colno})"
             ) from e
+        except RecursionError:
+            raise TrainingError(f"{file}:{number}: JSON nested too deeply") from None
     if not records:
         raise TrainingError(f"{file} is empty: no records to train on")
     return records
@@ -94,12 +102,14 @@ def read_jsonl(file: Path) -> list[tuple[int, Any]]:
 
 
 def image_grid(image_processor: ImageProcessor, path: Path, image_kwargs: dict) -> tuple[int, int]:
-    """(rows, cols) of tiles the processor will cut `path` into, from the image header only."""
+    """(rows, cols) of tiles the processor will cut `path` into; the image is decoded in full
+    so that a truncated or corrupt file is found before training starts."""
     try:
         with Image.open(path) as image:
             width, height = image.size
             orientation = image.getexif().get(ExifTags.Base.Orientation)
-    except (OSError, UnidentifiedImageError) as e:
+            image.load()
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
     if orientation in (5, 6, 7, 8):  # loading transposes these to upright
         width, height = height, width

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..model import Model
 from ..processing.processor import Processor
-from ..utils import atomic
+from ..utils import atomic, distributed
 from .adapters import adapter_weights, save_adapters
 from .datasets import (
     PAD_TO,
@@ -65,10 +65,11 @@ def _run_layer(layer: nn.Module, mask: Any, params: dict, h: mx.array) -> mx.arr
     return layer(h, mask)
 
 
-def batch_arrays(model: Model, batch: Batch) -> dict:
+def batch_arrays(model: Model, batch: Batch, denominator: float | None = None) -> dict:
     """The arrays of a batch for the (compiled) loss, computed on the host: token ids, the
     vision tower's inputs, where the image features go, and the loss positions and targets
-    padded to a multiple of PAD_TO (padding weighs 0) so that steps share compiled graphs."""
+    padded to a multiple of PAD_TO (padding weighs 0) so that steps share compiled graphs.
+    The summed loss is divided by `denominator` (by default the batch's loss tokens)."""
     count = len(batch.positions)
     size = -(-count // PAD_TO) * PAD_TO
     positions, targets = np.zeros(size, np.int32), np.zeros(size, np.int32)
@@ -79,6 +80,7 @@ def batch_arrays(model: Model, batch: Batch) -> dict:
         "positions": mx.array(positions),
         "targets": mx.array(targets),
         "weights": mx.array((np.arange(size) < count).astype(np.float32)),
+        "denominator": mx.array(denominator or count, mx.float32),
     }
     if batch.pixel_values is not None:
         arrays["images"] = model.image_inputs(batch.pixel_values, batch.pixel_attention_mask)
@@ -86,7 +88,8 @@ def batch_arrays(model: Model, batch: Batch) -> dict:
 
 
 def batch_loss(model: Model, arrays: dict, grad_checkpoint: bool = False) -> mx.array:
-    """Mean cross-entropy over the loss tokens of `batch_arrays`' output (pure MLX)."""
+    """Cross-entropy summed over the loss tokens of `batch_arrays`' output and divided by its
+    denominator: the batch's mean (pure MLX)."""
     features = model.encode_images(arrays["images"]) if "images" in arrays else None
     embeddings = model.merge_images(arrays["input_ids"], arrays["image_positions"], features)
     hidden = decoder_hidden(model, embeddings, grad_checkpoint)[:, :-1]
@@ -94,12 +97,43 @@ def batch_loss(model: Model, arrays: dict, grad_checkpoint: bool = False) -> mx.
     hidden = hidden.reshape(-1, hidden.shape[-1])[arrays["positions"]]
     logits = model.language_model.logits(hidden).astype(mx.float32)
     losses = nn.losses.cross_entropy(logits, arrays["targets"]) * arrays["weights"]
-    return losses.sum() / arrays["weights"].sum()
+    return losses.sum() / arrays["denominator"]
 
 
 def loss_fn(model: Model, batch: Batch, grad_checkpoint: bool = False) -> mx.array:
     """Mean cross-entropy over the batch's loss tokens."""
     return batch_loss(model, batch_arrays(model, batch), grad_checkpoint)
+
+
+def loss_tokens(sample: Sample) -> int:
+    """How many of a sample's tokens carry loss (the first token is never predicted)."""
+    return sum(sample.mask[1:])
+
+
+def rank_share(samples: list[Sample], rank: int, size: int) -> list[Sample]:
+    """The records of a global batch that rank `rank` of `size` trains on."""
+    per_rank = -(-len(samples) // size)
+    return samples[rank * per_rank : (rank + 1) * per_rank]
+
+
+def shard_arrays(
+    model: Model, samples: list[Sample], processor: Processor, image_kwargs: dict | None
+) -> tuple[dict, int]:
+    """This rank's share of a global batch as `batch_arrays`, and its token count.
+
+    Each rank divides its summed loss by the loss tokens of the whole global batch (every
+    rank holds the dataset, so every rank knows them) over the number of ranks: averaging
+    the ranks' gradients then gives exactly the gradient of the global batch's mean loss,
+    the one a single process computes with the whole batch.
+    """
+    share = rank_share(samples, distributed.rank(), distributed.size())
+    denominator = sum(map(loss_tokens, samples)) / distributed.size()
+    batch = make_batch(share or samples[:1], processor, image_kwargs)
+    arrays = batch_arrays(model, batch, denominator)
+    if not share:  # a short last batch of an epoch left this rank without records: it adds 0
+        arrays["weights"] = mx.zeros_like(arrays["weights"])
+        return arrays, 0
+    return arrays, batch.tokens
 
 
 def evaluate(
@@ -110,15 +144,18 @@ def evaluate(
     num_batches: int = -1,
     image_kwargs: dict | None = None,
 ) -> float:
-    """Mean loss per loss token over the validation batches (dropout off)."""
+    """Mean loss per loss token over the validation batches (dropout off), which the ranks
+    of a distributed run share out."""
     training = model.training
     model.eval()
     total, count = 0.0, 0
-    for indices in eval_batches(len(samples), batch_size, num_batches):
+    batches = eval_batches(len(samples), batch_size, num_batches)
+    for indices in batches[distributed.rank() :: distributed.size()]:
         batch = make_batch([samples[i] for i in indices], processor, image_kwargs)
         total += loss_fn(model, batch).item() * len(batch.positions)
         count += len(batch.positions)
     model.train(training)
+    total, count = distributed.all_sum([total, count])
     return total / count
 
 
@@ -253,9 +290,11 @@ def step_seed(seed: int, step: int) -> int:
 
 def make_step(model: Model, optimizer: optim.Optimizer, args: TrainingArgs) -> Callable:
     """`step(arrays, grads, update) -> (loss, grads)`: one batch's loss and gradients added
-    to `grads`; with `update` the averaged gradients update the model (and None comes back).
-    Compiled with the model, optimizer and random state as its implicit inputs and outputs."""
+    to `grads`; with `update` the averaged gradients (over the batches, and over the ranks
+    of a distributed run) update the model (and None comes back). Compiled with the model,
+    optimizer and random state as its implicit inputs and outputs."""
     value_and_grad = nn.value_and_grad(model, batch_loss)
+    group = distributed.init()
 
     def step(arrays: dict, grads: Any, update: bool) -> tuple[mx.array, Any]:
         loss, batch_grads = value_and_grad(model, arrays, args.grad_checkpoint)
@@ -263,6 +302,8 @@ def make_step(model: Model, optimizer: optim.Optimizer, args: TrainingArgs) -> C
             batch_grads = tree_map(mx.add, grads, batch_grads)
         if not update:
             return loss, batch_grads
+        if group.size() > 1:
+            batch_grads = nn.average_gradients(batch_grads, group=group)
         if args.grad_accumulation > 1:
             batch_grads = tree_map(lambda g: g / args.grad_accumulation, batch_grads)
         optimizer.update(model, batch_grads)
@@ -290,9 +331,12 @@ def train(
 
     Each step averages the gradients of `grad_accumulation` batches. Checkpoints go to
     `adapter_path` every `save_every` steps and at the end; with `resume` the run continues
-    from the last one with the same optimizer state, schedule position and data order.
+    from the last one with the same optimizer state, schedule position and data order. Under
+    `mlx.launch` every batch is split across the ranks (`shard_arrays`) and their gradients
+    averaged; only rank 0 writes checkpoints and the loss curve and shows the progress bar.
     """
     adapter_path = Path(adapter_path)
+    main = distributed.is_main()
     optimizer = optim.Adam(learning_rate=learning_rate(args))
     step, history = restore_checkpoint(adapter_path, model, optimizer) if resume else (0, [])
     validate = partial(
@@ -305,21 +349,31 @@ def train(
     optimizer.init(model.trainable_parameters())  # the state the compiled step reads and writes
     train_step = make_step(model, optimizer, args)
     start, tokens = time.perf_counter(), 0
-    bar = tqdm(total=args.iters, initial=step, disable=not progress, desc="Training", unit="step")
+    bar = tqdm(
+        total=args.iters,
+        initial=step,
+        disable=not (progress and main),
+        desc="Training",
+        unit="step",
+    )
     while step < args.iters:
         losses, grads = [], None
         for k in range(args.grad_accumulation):
             micro = step * args.grad_accumulation + k  # the batch's index in the data order
             indices = batch_indices(len(train_set), args.batch_size, args.seed, micro)
-            batch = make_batch([train_set[i] for i in indices], processor, image_kwargs)
+            arrays, batch_tokens = shard_arrays(
+                model, [train_set[i] for i in indices], processor, image_kwargs
+            )
             mx.random.seed(step_seed(args.seed, micro + 1))
             last = k == args.grad_accumulation - 1
-            loss, grads = train_step(batch_arrays(model, batch), grads, last)
+            loss, grads = train_step(arrays, grads, last)
             mx.eval(loss, grads if grads is not None else model.trainable_parameters())
             losses.append(loss.item())
-            tokens += batch.tokens
+            tokens += batch_tokens
         mx.eval(model.trainable_parameters(), optimizer.state)
         step += 1
+        # Each rank's loss is its share of the batch mean times the number of ranks.
+        losses = [value / distributed.size() for value in distributed.all_sum(losses)]
         record = {"step": step, "train_loss": sum(losses) / len(losses)}
         if validating and (step % args.steps_per_eval == 0 or step == args.iters):
             record["val_loss"] = validate()
@@ -331,16 +385,17 @@ def train(
             peak_gb=f"{mx.get_peak_memory() / 1e9:.2f}",
             **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}),
         )
-        if step % args.save_every == 0 or step == args.iters:
+        if main and (step % args.save_every == 0 or step == args.iters):
             save_checkpoint(adapter_path, model, optimizer, step, history, config)
     bar.close()
-    plot_loss_curve(history, adapter_path / CURVE_FILE)
+    if main:
+        plot_loss_curve(history, adapter_path / CURVE_FILE)
     return history
 
 
 def plot_loss_curve(history: list[dict], file: Path) -> None:
     """Training and validation loss against the step, as a PNG (skipped without matplotlib)."""
-    try:
+    try:  # optional dependency: the [train] extra
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:

@@ -1,1 +1,1 @@
-"""Shared plumbing: atomic files and folders, command-line options."""
+"""Shared plumbing: atomic files and folders, command-line options, the distributed group."""

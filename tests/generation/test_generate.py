@@ -184,7 +184,7 @@ def test_chat_repl_through_stdin(checkpoint, tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "1 image(s) attached" in out.stdout
-    assert "nothing.png" in out.stdout  # the bad path is reported and the chat goes on
+    assert "nothing.png" in out.stderr  # the bad path is reported and the chat goes on
     assert "[conversation cleared]" in out.stdout
 
 

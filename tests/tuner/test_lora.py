@@ -697,7 +697,7 @@ def test_server_cli_applies_the_adapters(trained, checkpoint, monkeypatch):
     monkeypatch.setattr(server, "create_server", fake_create_server)
     result = CliRunner().invoke(server.main, ["--adapter-path", str(adapters), "--port", "0"])
     assert result.exit_code == 0, result.output
-    assert started["model_id"] == str(checkpoint.resolve())
+    assert started["model_id"] == checkpoint.name  # the recorded base, by its folder name
     assert started["processor"].image_processor.do_image_splitting is False
     layer = started["vlm"].language_model.layers[0].self_attn.q_proj
     assert isinstance(layer, LoRALinear)

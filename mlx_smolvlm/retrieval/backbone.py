@@ -1,0 +1,25 @@
+"""The project's pieces the retriever is built from, imported in this one place."""
+
+from ..backends.cpu import prepare
+from ..loading import check_weights, get_model_path, load_weights, quantize_like, resolve_dtype
+from ..model import Model, ModelConfig, load_config
+from ..model.mask import padding_mask
+from ..processing import Processor
+from ..processing.image import fetch_image
+from ..utils import atomic
+
+__all__ = [
+    "Model",
+    "ModelConfig",
+    "Processor",
+    "atomic",
+    "check_weights",
+    "fetch_image",
+    "get_model_path",
+    "load_config",
+    "load_weights",
+    "padding_mask",
+    "prepare",
+    "quantize_like",
+    "resolve_dtype",
+]
