@@ -162,7 +162,6 @@ def answer(vlm, processor, messages: list[dict], **kwargs) -> tuple[str, Generat
 @click.option("--system", default=None, help="System prompt.")
 @click.option(
     "--max-tokens",
-    type=click.IntRange(min=1),
     default=512,
     show_default=True,
     help="Most tokens per answer.",

@@ -44,7 +44,6 @@ __all__ = ["generate", "main", "stream_generate"]
 @click.option("--system", default=None, help="System prompt.")
 @click.option(
     "--max-tokens",
-    type=click.IntRange(min=1),
     default=256,
     show_default=True,
     help="Most tokens to generate.",
