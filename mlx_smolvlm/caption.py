@@ -22,9 +22,16 @@ from .utils.options import (
     model_option,
     sampling_options,
 )
+from .utils.validation import (
+    Command,
+    check_image_kwargs,
+    check_resize_shape,
+    check_sampling,
+    check_text,
+)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("source", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option(
     "--output", "-o", required=True, type=click.Path(path_type=Path), help="JSONL file to write."
@@ -88,6 +95,15 @@ def main(
     """Caption every image of INPUT into the JSONL file --output, resumably and in batches."""
     if repetition_penalty is not None:
         raise click.UsageError("--repetition-penalty is not available for batched captioning")
+    sampler = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p}
+    tiling = image_kwargs(no_image_splitting, longest_edge, max_tiles, no_upscale)
+    # Checked before the model loads: a bad option fails at once, naming its flag.
+    for name, text in (("prompt", prompt), ("system", system)):
+        if text is not None:
+            check_text(name, text)
+    check_sampling(max_tokens, **sampler, seed=seed)
+    check_image_kwargs(tiling)
+    check_resize_shape(resize_shape)
     try:
         check_output(output)
         items = read_items(source, prompt, image_column, prompt_column, id_column)
@@ -103,13 +119,10 @@ def main(
             max_pixels=max_pixels,
             resize_shape=resize_shape,
             max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
             seed=seed,
             system=system,
-            **image_kwargs(no_image_splitting, longest_edge, max_tiles, no_upscale),
+            **sampler,
+            **tiling,
         )
     except (FileNotFoundError, ValueError, OSError, ImportError) as e:
         raise click.ClickException(str(e)) from e

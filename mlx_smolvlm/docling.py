@@ -23,6 +23,7 @@ from .documents.pipeline import (
     convert,
 )
 from .documents.sources import DEFAULT_DPI, Source, find_documents, open_source, parse_pages
+from .utils.validation import Command
 
 USER_ERRORS = (FileNotFoundError, ValueError, OSError, ImportError)
 
@@ -63,7 +64,7 @@ def plan(
     return documents
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--output", "-o", required=True, type=click.Path(path_type=Path), help="Folder for the files."

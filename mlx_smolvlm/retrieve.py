@@ -21,6 +21,7 @@ from .retrieval import (
 from .retrieval.index import INDEX_FILE, read_metadata
 from .retrieval.sources import DEFAULT_DPI
 from .utils.options import dtype_option
+from .utils.validation import Group
 
 DEFAULT_MODEL = "vidore/colSmol-256M"
 # Failures a user can cause (paths, files, settings); anything else is a bug and keeps its traceback.
@@ -53,7 +54,7 @@ def model_options(function: Callable) -> Callable:
     return function
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Page retrieval with ColSmolVLM (ColIdefics3): build an index, then search it."""
 

@@ -487,3 +487,20 @@ def test_broken_checkpoint_files_are_named(checkpoint, tmp_path):
     assert result.exit_code == 1 and "tokenizer.json" in error_line(result.stderr)
     result = CliRunner().invoke(generate_main, ["--model", str(weights)])
     assert result.exit_code == 1 and "is a file" in error_line(result.stderr)
+
+
+def test_every_command_reports_unexpected_errors_in_one_line():
+    """Every CLI (and every subcommand of a group) is a `Command`, so none shows a traceback."""
+    import importlib
+
+    package = ROOT / "mlx_smolvlm"
+    commands = []
+    for path in sorted(package.glob("*.py")):
+        module = importlib.import_module(f"mlx_smolvlm.{path.stem}")
+        main = getattr(module, "main", None)
+        if isinstance(main, click.Group):
+            commands += list(main.commands.values())
+        elif isinstance(main, click.Command):
+            commands.append(main)
+    assert len(commands) >= 9  # generate, chat, convert, fuse, lora, server, caption, docling...
+    assert [c.name for c in commands if not isinstance(c, Command)] == []

@@ -217,6 +217,12 @@ class Command(click.Command):
             ) from e
 
 
+class Group(click.Group):
+    """A click group whose subcommands are `Command`s."""
+
+    command_class = Command
+
+
 def print_error(message: str) -> None:
     """One line on stderr, as the CLIs print a failure."""
     print(f"Error: {message}", file=sys.stderr, flush=True)

@@ -264,6 +264,8 @@ def test_tables_lists_prompts_ids_and_selection(tmp_path):
         ({"l.txt": "a.png\n"}, ["l.txt", "--prompt", "x", "--prompt-column", "q"], "not both"),
         ({"l.txt": "a.png\n"}, ["l.txt", "--batch-size", "0"], "--batch-size"),
         ({"l.txt": "a.png\n"}, ["l.txt", "--repetition-penalty", "1.1"], "not available"),
+        ({"l.txt": "a.png\n"}, ["l.txt", "--top-p", "2"], "--top-p must be"),
+        ({"l.txt": "a.png\n"}, ["l.txt", "--max-tiles", "0"], "--max-tiles must be"),
     ],
 )
 def test_bad_inputs_fail_in_one_line(tmp_path, monkeypatch, files, args, culprit):

@@ -14,7 +14,9 @@ as the colSmol releases are), "images": [image paths], "queries": [strings]}.
 OUT.npz gets the processor's page_* and query_* inputs (input_ids, attention_mask, and the
 pages' pixel_values, pixel_attention_mask) and, for each model ("base", and "adapter" when
 there is one), {model}_page_embeddings and {model}_query_embeddings (padded, as returned) and
-{model}_scores = processor.score(queries, pages) of the unpadded embeddings.
+{model}_scores = processor.score(queries, pages) of the unpadded embeddings (which
+pads the pages of a batch with zero vectors to the longest) and {model}_scores_per_page,
+the same called for one page at a time (no padding).
 """
 
 from __future__ import annotations
@@ -108,6 +110,11 @@ def main() -> None:
             vectors[kind] = unpadded(embeddings, batch["attention_mask"])
         arrays[f"{name}_scores"] = processor.score(
             vectors["query"], vectors["page"], device="cpu"
+        ).numpy()
+        # One page at a time: no other page's length pads it with zero vectors.
+        arrays[f"{name}_scores_per_page"] = torch.cat(
+            [processor.score(vectors["query"], [page], device="cpu") for page in vectors["page"]],
+            dim=1,
         ).numpy()
     np.savez(out, **arrays)
 
