@@ -23,18 +23,19 @@ from .documents.pipeline import (
     convert,
 )
 from .documents.sources import DEFAULT_DPI, Source, find_documents, open_source, parse_pages
-from .utils.validation import Command
+from .utils.validation import Command, debug
 
 USER_ERRORS = (FileNotFoundError, ValueError, OSError, ImportError)
 
 
 @contextmanager
 def reported(verbose: bool, prefix: str = "") -> Iterator[None]:
-    """Turn the errors a user's input causes into one-line messages (tracebacks with --verbose)."""
+    """Turn the errors a user's input causes into one-line messages (tracebacks with --verbose
+    or MLX_SMOLVLM_DEBUG=1)."""
     try:
         yield
     except USER_ERRORS as error:
-        if verbose:
+        if verbose or debug():
             raise
         raise click.ClickException(f"{prefix}{error}") from error
 
@@ -163,6 +164,11 @@ def main(
         except click.ClickException as error:
             failed += 1
             error.show()
+        except Exception as error:  # anything else fails this document only
+            if verbose or debug():
+                raise
+            failed += 1
+            click.echo(f"Error: {source.path}: {type(error).__name__}: {error}", err=True)
     if failed:
         raise SystemExit(1)
 

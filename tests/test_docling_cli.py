@@ -232,6 +232,17 @@ def test_a_document_failing_midway_does_not_stop_the_others(smoldocling, tmp_pat
     assert "Traceback" not in result.output
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.md"]
 
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(pipeline, "batch_generate", broken)
+    out = tmp_path / "again"
+    result = run(tmp_path / "b.pdf", "-o", out, "--model", checkpoint)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    error = f"Error: {tmp_path / 'b.pdf'}: RuntimeError: out of memory"
+    assert result.stderr.strip().splitlines()[-1] == error  # after the progress bar
+    assert list(out.iterdir()) == []
+
 
 @pytest.fixture(scope="module")
 def granite(tmp_path_factory):

@@ -14,6 +14,7 @@ from pages import (
     make_pdf,
     page_image,
 )
+from PIL import Image
 
 from mlx_smolvlm import GenerationResult
 from mlx_smolvlm.documents import (
@@ -222,6 +223,13 @@ def test_sources_pdf_image_and_bad_files(tmp_path):
             open_source(tmp_path / name)
     with pytest.raises(ValueError, match="Incorrect password"):
         open_source(make_encrypted_pdf(tmp_path / "locked.pdf"))
+
+
+def test_an_image_too_large_to_open_safely(tmp_path, monkeypatch):
+    page_image(0).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses images over twice this
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'huge.png'}: Image size"):
+        open_source(tmp_path / "huge.png")
 
 
 def test_pdf_pages_render_at_docling_resolution(tmp_path):

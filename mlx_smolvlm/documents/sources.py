@@ -76,6 +76,8 @@ def open_source(path: str | Path) -> Source:
             image.load()
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{path}: neither a PDF nor an image ({error})") from error
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{path}: {error}") from error
     return Source(path, "image", 1)
 
 
@@ -110,11 +112,12 @@ def render_pages(
     pdf = extras.pdfium.PdfDocument(source.path)
     try:
         for number in pages:
-            page = pdf[number - 1]
             try:
-                bitmap = page.render(scale=dpi / 72)
-                yield number, bitmap.to_pil().convert("RGB")
-            finally:
+                page = pdf[number - 1]
+                image = page.render(scale=dpi / 72).to_pil().convert("RGB")
                 page.close()
+            except extras.pdfium.PdfiumError as error:
+                raise ValueError(f"page {number} cannot be rendered ({error})") from error
+            yield number, image
     finally:
         pdf.close()
