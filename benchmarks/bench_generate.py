@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes.util
+import functools
 import json
 import os
 import resource
@@ -226,6 +227,7 @@ def mlx_vlm_checkpoint(python: str, source: Path, out: Path, args) -> Path:
     return out
 
 
+@functools.cache
 def mlx_on_cpu(python: str) -> bool:
     """Whether MLX computes on the CPU under `python` (no Metal, no CUDA backend)."""
     probe = "import mlx.core as mx; print(mx.default_device() == mx.cpu)"
