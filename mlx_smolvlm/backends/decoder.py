@@ -14,7 +14,7 @@ mlx-lm's cache interface (offset, trim, quantization), so prompt-cache reuse wor
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 import mlx.core as mx
@@ -125,11 +125,17 @@ def _inverse_frequencies(dims: int, base: float) -> np.ndarray:
     return (np.float32(1.0) / np.power(np.float32(base), exponents)).astype(np.float32)
 
 
+@lru_cache(maxsize=4)
+def _rotation(position: int, dims: int, base: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of a position's rotary angles (every layer of a step asks the same)."""
+    angles = np.float32(position) * _inverse_frequencies(dims, base)
+    return np.cos(angles), np.sin(angles)
+
+
 def _rope(x: np.ndarray, position: int, base: float) -> np.ndarray:
     """Rotate (heads, dims) by `position` (rotate-half layout, no scaling)."""
     half = x.shape[-1] // 2
-    angles = np.float32(position) * _inverse_frequencies(x.shape[-1], base)
-    cos, sin = np.cos(angles), np.sin(angles)
+    cos, sin = _rotation(position, x.shape[-1], base)
     first, second = x[:, :half], x[:, half:]
     return np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
 
