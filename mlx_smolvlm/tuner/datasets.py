@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from ..processing.image import (
     tile_grid,
 )
 from ..processing.messages import record_messages
-from ..processing.processor import END_OF_UTTERANCE, IMAGE_TOKEN, Processor, image_prompt_string
+from ..processing.processor import IMAGE_TOKEN, Processor, image_prompt_string
 
 MAX_REPORTED_PROBLEMS = 10
 PAD_TO = 32  # batches are padded to a multiple of this many tokens (and loss positions)
@@ -118,9 +119,10 @@ def image_grid(image_processor: ImageProcessor, path: Path, image_kwargs: dict) 
     tile = image_kwargs.get("max_image_size") or image_processor.tile_size
     if image_processor.do_resize:
         edge = image_kwargs.get("longest_edge") or image_processor.longest_edge
-        upscale = image_kwargs.get("upscale", True)
-        if image_kwargs.get("max_tiles") is not None:
-            edge = edge_for_max_tiles(height, width, edge, tile, upscale, image_kwargs["max_tiles"])
+        upscale = image_kwargs.get("upscale", image_processor.upscale)
+        max_tiles = image_kwargs.get("max_tiles", image_processor.max_tiles)
+        if max_tiles is not None:
+            edge = edge_for_max_tiles(height, width, edge, tile, upscale, max_tiles)
         height, width = resized_size(height, width, edge, upscale)
     return tile_grid(*encoder_size(height, width, tile), tile)
 
@@ -153,7 +155,7 @@ def encode_conversation(
     grids: list[tuple[int, int]],
     train_on_all: bool = False,
 ) -> tuple[list[int], list[bool]]:
-    """Token ids and loss mask: the assistant tokens (text and `<end_of_utterance>`), or with
+    """Token ids and loss mask: the assistant tokens (text and end-of-turn token), or with
     `train_on_all` every token but the image placeholders."""
     ids = render_ids(processor, messages, grids, prompt=False)
     if train_on_all:
@@ -174,7 +176,7 @@ def assistant_span(
     ids: list[int],
 ) -> tuple[int, int]:
     """Token range of assistant message `turn`: after the template's "Assistant:" prompt,
-    through its `<end_of_utterance>`, found by rendering the turns before and through it."""
+    through its end-of-turn token, found by rendering the turns before and through it."""
     prompt = render_ids(processor, messages[:turn], grids, prompt=True)
     through = render_ids(processor, messages[: turn + 1], grids, prompt=False)
     # Tokenizing a prefix of the text must give a prefix of the tokens, or the mask would be off.
@@ -183,10 +185,12 @@ def assistant_span(
             f"assistant turn {turn}: the chat template's rendering up to this turn does not "
             "tokenize to a prefix of the whole conversation, so its tokens cannot be located"
         )
-    eou = processor.tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE)
+    # The turn ends at its last stop token (<end_of_utterance>, granite's <|end_of_text|>);
+    # what the template writes after it ("\n") is not the model's to say.
+    stops = processor.tokenizer.eos_token_ids
     span = through[len(prompt) :]
-    # What the template writes after the end-of-turn token ("\n") is not the model's to say.
-    end = len(span) - span[::-1].index(eou) if eou in span else len(span)
+    ends = [i + 1 for i, token in enumerate(span) if token in stops]
+    end = ends[-1] if ends else len(span)
     return len(prompt), len(prompt) + end
 
 
@@ -236,6 +240,41 @@ def load_dataset(
             + (f"\n  ... and {more} more" if more > 0 else "")
         )
     return samples
+
+
+def warn_upscaled_images(samples: list[Sample], processor: Processor) -> None:
+    """Warn when records are mostly image tokens because small images were upscaled into
+    many tiles: training on them costs far more than the text they carry is worth."""
+    tile = processor.image_processor.tile_size
+    upscaled = []
+    for sample in samples:
+        image_tokens = sample.ids.count(processor.image_token_id)
+        if image_tokens <= 10 * (len(sample.ids) - image_tokens):
+            continue
+        for path, (rows, cols) in zip(sample.images, sample.grids):
+            if rows * cols > 1 and max(_image_size(path)) < tile:
+                upscaled.append((sample, path, rows * cols + 1, image_tokens))
+                break
+    if not upscaled:
+        return
+    sample, path, tiles, image_tokens = upscaled[0]
+    width, height = _image_size(path)
+    print(
+        f"Warning: {len(upscaled)} of {len(samples)} records are mostly image tokens "
+        f"(e.g. {sample.where}: {image_tokens} image tokens for "
+        f"{len(sample.ids) - image_tokens} text tokens) because images smaller than one "
+        f"{tile}-pixel tile (e.g. {path.name}, {width}x{height}) are upscaled into {tiles} "
+        "tiles: train with --no-image-splitting (one tile per image) or a smaller "
+        "--longest-edge for much cheaper steps.",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from an image file's header."""
+    with Image.open(path) as image:
+        return image.size
 
 
 # ---------------------------------------------------------------------------
