@@ -203,7 +203,19 @@ def load_model(
     model_path = Path(model_path)
     config, raw = read_config(model_path)
     model = Model(config)
-    weights = model.sanitize(load_weights(model_path))
+    return load_into(model, model.sanitize(load_weights(model_path)), raw, model_path, dtype, lazy)
+
+
+def load_into(
+    model: nn.Module,
+    weights: dict[str, mx.array],
+    raw: dict,
+    model_path: Path,
+    dtype: str | mx.Dtype | None = None,
+    lazy: bool = False,
+) -> nn.Module:
+    """Load a checkpoint's (sanitized) `weights` into `model`: quantized layers as its
+    config.json describes, every weight checked, floats cast to the compute dtype, eval mode."""
     quantize_like(model, raw, weights)
     check_weights(model, weights, model_path)
     compute = resolve_dtype(dtype, raw.get("torch_dtype") or raw.get("dtype"))
