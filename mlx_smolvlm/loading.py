@@ -197,7 +197,18 @@ def load_model(
     model_path = Path(model_path)
     config, raw = read_config(model_path)
     model = Model(config)
-    weights = model.sanitize(load_weights(model_path))
+    return fill_model(model, model.sanitize(load_weights(model_path)), raw, model_path, dtype, lazy)
+
+
+def fill_model(
+    model: nn.Module,
+    weights: dict[str, mx.array],
+    raw: dict[str, Any],
+    model_path: Path,
+    dtype: str | mx.Dtype | None = None,
+    lazy: bool = False,
+) -> nn.Module:
+    """Quantize `model` like its checkpoint (`raw` config), then check, cast and load `weights`."""
     quantize_like(model, raw, weights)
     check_weights(model, weights, model_path)
     compute = resolve_dtype(dtype, raw.get("torch_dtype") or raw.get("dtype"))

@@ -1,7 +1,7 @@
 """The project's pieces the retriever is built from, imported in this one place."""
 
 from ..backends.cpu import prepare
-from ..loading import check_weights, get_model_path, load_weights, quantize_like, resolve_dtype
+from ..loading import fill_model, get_model_path, load_weights
 from ..model import Model, ModelConfig, load_config
 from ..model.mask import padding_mask
 from ..processing import Processor
@@ -13,13 +13,11 @@ __all__ = [
     "ModelConfig",
     "Processor",
     "atomic",
-    "check_weights",
     "fetch_image",
+    "fill_model",
     "get_model_path",
     "load_config",
     "load_weights",
     "padding_mask",
     "prepare",
-    "quantize_like",
-    "resolve_dtype",
 ]

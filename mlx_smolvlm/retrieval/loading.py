@@ -13,13 +13,11 @@ from mlx.utils import tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 
 from .backbone import (
-    check_weights,
+    fill_model,
     get_model_path,
     load_config,
     load_weights,
     prepare,
-    quantize_like,
-    resolve_dtype,
 )
 from .model import ColIdefics3
 from .processing import RetrievalProcessor
@@ -75,19 +73,7 @@ def load_colidefics3(
             "checkpoint; a plain SmolVLM model cannot embed pages"
         )
     model = ColIdefics3(config, dim=int(weights["linear.weight"].shape[0]))
-    weights = model.sanitize(weights)
-    quantize_like(model, raw, weights)
-    check_weights(model, weights, model_path)
-    compute = resolve_dtype(dtype, raw.get("torch_dtype") or raw.get("dtype"))
-    weights = {
-        k: v.astype(compute) if mx.issubdtype(v.dtype, mx.floating) else v
-        for k, v in weights.items()
-    }
-    model.load_weights(list(weights.items()), strict=True)
-    model.eval()
-    if not lazy:
-        mx.eval(model.parameters())
-    return model
+    return fill_model(model, model.sanitize(weights), raw, model_path, dtype, lazy)
 
 
 def _module_name(model: ColIdefics3, hf_name: str) -> str:
