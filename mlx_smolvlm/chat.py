@@ -16,14 +16,7 @@ from .generation.generate import print_stats
 from .loading import load
 from .processing.image import load_images
 from .utils.options import image_kwargs, image_options, model_option, sampling_options
-from .utils.validation import (
-    Command,
-    check_image_kwargs,
-    check_resize_shape,
-    check_sampling,
-    check_text,
-    print_error,
-)
+from .utils.validation import Command, check_generation_options, check_text, print_error
 
 HELP = "Commands: /image PATH (attach an image to your next message), /reset, /exit"
 
@@ -77,11 +70,7 @@ def main(model, image, system, max_tokens, adapter_path, resize_shape, verbose, 
         for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
     }
     kwargs = image_kwargs(**options)
-    check_sampling(max_tokens, **sampling)
-    check_image_kwargs(kwargs)
-    check_resize_shape(resize_shape)
-    if system is not None:
-        check_text("system", system)
+    check_generation_options(max_tokens, sampling, kwargs, resize_shape, system=system)
     try:
         pending = load_images(image, resize_shape)
         vlm, processor = load(model, adapter_path=adapter_path)
