@@ -168,6 +168,21 @@ def build_checkpoint(config_dir: Path, out: Path) -> Path:
     return out
 
 
+def add_worker_arguments(parser: argparse.ArgumentParser, workers: dict) -> None:
+    """Options every comparing benchmark has: mlx-vlm's interpreter, results, the worker's own."""
+    parser.add_argument("--mlx-vlm-python", default=None, help="interpreter with mlx-vlm installed")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--worker", choices=list(workers), help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+
+
+def checkpoint_for(model: Path, out: Path) -> Path:
+    """`model` when it holds weights, else a random checkpoint built from its config in `out`."""
+    if list(model.glob("*.safetensors")):
+        return model
+    return build_checkpoint(model, out / "checkpoint")
+
+
 def convert_checkpoint(command: list[str], source: Path, out: Path, args) -> Path:
     """`out`, converted from `source` with a converter's command line at the run's dtype and
     quantization unless it is there already."""
@@ -279,16 +294,13 @@ def main() -> None:
         "--text-only", action="store_true", help="no image: decode speed without the vision tower"
     )
     parser.add_argument("--impl", default="mlx-smolvlm,mlx-vlm,transformers")
-    parser.add_argument("--mlx-vlm-python", default=None, help="interpreter with mlx-vlm installed")
     parser.add_argument(
         "--mlx-smolvlm-python",
         default=sys.executable,
         help="interpreter for mlx-smolvlm (one without the test extras measures what users "
         "install: torch, if present, is imported by transformers and adds ~180 MB)",
     )
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
-    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    add_worker_arguments(parser, WORKERS)
     parser.add_argument("--image", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -298,11 +310,7 @@ def main() -> None:
         return
 
     args.out.mkdir(parents=True, exist_ok=True)
-    checkpoint = (
-        build_checkpoint(args.model, args.out / "checkpoint")
-        if not list(args.model.glob("*.safetensors"))
-        else args.model
-    )
+    checkpoint = checkpoint_for(args.model, args.out)
     if not args.text_only:
         args.image = make_image(args.out / "image.png", args.image_size)
     variant = args.dtype + (f"-q{args.quantize}" if args.quantize else "")
