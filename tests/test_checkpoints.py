@@ -121,6 +121,8 @@ def test_processor_matches_transformers(folder):
     assert_same_outputs(got, expected)
     text = ours.apply_chat_template(conversation)
     assert text == ref.apply_chat_template(conversation, add_generation_prompt=True)
+    # generate passes a rendered prompt through and templates a plain one.
+    assert ours.is_rendered(text) and not ours.is_rendered("Convert this page to docling.")
     assert ours.tokenizer.decode(got["input_ids"][0], skip_special_tokens=False) == ref.decode(
         expected["input_ids"][0], skip_special_tokens=False
     )
@@ -228,3 +230,25 @@ def test_granite_docling_converts(granite, tmp_path):
     )
     args = [inputs[k] for k in ("input_ids", "pixel_values", "pixel_attention_mask")]
     np.testing.assert_array_equal(np.array(model(*args)), np.array(original(*args)))
+
+
+def test_granite_docling_loss_mask_ends_at_end_of_text(tmp_path):
+    """LoRA on granite-docling: an answer's tokens run through <|end_of_text|>, not the "\\n"."""
+    from mlx_smolvlm.processing import Processor
+    from mlx_smolvlm.tuner.datasets import encode_conversation
+
+    name = "granite-docling-258M"
+    checkpoint_files(name, tmp_path)
+    shutil.copy(real_model_dir(name) / "config.json", tmp_path / "config.json")
+    processor = Processor.from_pretrained(tmp_path)
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Convert."}]},
+        {"role": "assistant", "content": "<doctag><text>Hi</text></doctag>"},
+        {"role": "user", "content": "Again."},
+        {"role": "assistant", "content": "Done."},
+    ]
+    ids, mask = encode_conversation(processor, conversation, [(0, 0)])
+    answer = processor.tokenizer.decode(
+        [t for t, m in zip(ids, mask) if m], skip_special_tokens=False
+    )
+    assert answer == "<doctag><text>Hi</text></doctag><|end_of_text|>Done.<|end_of_text|>"

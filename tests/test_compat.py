@@ -108,6 +108,8 @@ def test_rendered_prompt_errors(loaded):
         apply_chat_template(processor, 3, "x")
     with pytest.raises(TypeError, match="needs a prompt"):
         apply_chat_template(processor, model.config)
+    with pytest.raises(ValueError, match="num_images must be a non-negative integer, got -1"):
+        apply_chat_template(processor, model.config, "x", num_images=-1)
 
 
 def test_top_level_names():
@@ -199,6 +201,16 @@ def test_text_keywords_match_transformers(processors):
     assert unpadded == dict(ref(text=texts, padding=False))
 
 
+def test_decode_and_batch_decode(processors):
+    ours, ref = processors
+    inputs = ours(["<image>What is it? A cat.", "Short."], images=[[picture()], []])
+    for skip in (True, False):
+        expected = ref.batch_decode(inputs["input_ids"], skip_special_tokens=skip)
+        assert ours.batch_decode(inputs["input_ids"], skip_special_tokens=skip) == expected
+        assert ours.batch_decode(torch.from_numpy(inputs["input_ids"]), skip) == expected
+        assert ours.decode(inputs["input_ids"][1], skip) == expected[1]
+
+
 def test_images_without_text(processors):
     ours, ref = processors
     same_outputs(ours(images=[picture()]), ref(images=[picture()], return_tensors="np"))
@@ -226,6 +238,8 @@ def test_bad_processor_input_is_named(processors):
         ours([text], images=[picture()], size={"longest_edge": 0})
     with pytest.raises(ValueError, match="return_tensors must be"):
         ours(["x"], return_tensors="tf")
+    with pytest.raises(TypeError, match="Unknown processor keyword argument\\(s\\): longest_egde"):
+        ours(["x"], longest_egde=512)  # misspelled, and no image to use it on
 
 
 # ---------------------------------------------------------------------------
@@ -325,3 +339,13 @@ def test_readme_snippets_run(heading, checkpoint, tmp_path, monkeypatch, capsys)
     assert printed.strip()
     if heading == "Coming from transformers":
         assert "(2, 1200) (2, 13, 3, 512, 512)" in printed
+
+
+def test_processor_call_options_follow_the_image_processor():
+    import inspect
+
+    from mlx_smolvlm.processing.image import ImageProcessor
+    from mlx_smolvlm.processing.processor import _IMAGE_CALL_OPTIONS
+
+    parameters = set(inspect.signature(ImageProcessor.__call__).parameters)
+    assert _IMAGE_CALL_OPTIONS == parameters - {"self", "images"}

@@ -660,6 +660,9 @@ class Processor:
             if k in names and (k not in call_options or isinstance(v, dict))
         }
         rest = {k: v for k, v in kwargs.items() if k not in fields}
+        unknown = sorted(set(rest) - _IMAGE_CALL_OPTIONS)
+        if unknown:
+            raise TypeError(f"Unknown processor keyword argument(s): {', '.join(unknown)}")
         if not fields:
             return self.image_processor, rest
         try:
@@ -727,6 +730,14 @@ class Processor:
             )
         # Any id would do where the mask is 0; 0 when the checkpoint names no pad token.
         return _pad_ids(ids, self.tokenizer.pad_token_id or 0, length, side)
+
+    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
+        """Text of token ids (a list, numpy, mlx or torch array), as transformers' processor."""
+        return self.tokenizer.decode(np.asarray(ids).reshape(-1).tolist(), skip_special_tokens)
+
+    def batch_decode(self, ids: Any, skip_special_tokens: bool = True) -> list[str]:
+        """Texts of a batch of token id sequences, as transformers' processor."""
+        return [self.decode(seq, skip_special_tokens) for seq in ids]
 
     def _arrange_videos(self, prompts: list[str], videos: Any) -> list[list[Any]]:
         """Videos per prompt; without a video processor "<video>" is plain text."""
@@ -874,6 +885,15 @@ class Processor:
         return bool(suffix) and prompt.rstrip().endswith(suffix)
 
 
+# Options of ImageProcessor.__call__ (the rest of the image options are its fields).
+_IMAGE_CALL_OPTIONS = {
+    "do_image_splitting",
+    "longest_edge",
+    "max_image_size",
+    "upscale",
+    "max_tiles",
+}
+
 # Keywords of apply_chat_template that configure the processor call, not the template.
 _PROCESSOR_KEYWORDS = {
     "padding",
@@ -947,6 +967,8 @@ def apply_chat_template(
         )
     if prompt is None:
         raise TypeError("apply_chat_template needs a prompt (a string or chat messages)")
+    if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 0:
+        raise ValueError(f"num_images must be a non-negative integer, got {num_images!r}")
     if isinstance(prompt, str):
         messages = build_messages(prompt, num_images)
     else:

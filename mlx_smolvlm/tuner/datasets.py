@@ -27,7 +27,7 @@ from ..processing.image import (
     tile_grid,
 )
 from ..processing.messages import record_messages
-from ..processing.processor import END_OF_UTTERANCE, IMAGE_TOKEN, Processor, image_prompt_string
+from ..processing.processor import IMAGE_TOKEN, Processor, image_prompt_string
 
 MAX_REPORTED_PROBLEMS = 10
 PAD_TO = 32  # batches are padded to a multiple of this many tokens (and loss positions)
@@ -153,7 +153,7 @@ def encode_conversation(
     grids: list[tuple[int, int]],
     train_on_all: bool = False,
 ) -> tuple[list[int], list[bool]]:
-    """Token ids and loss mask: the assistant tokens (text and `<end_of_utterance>`), or with
+    """Token ids and loss mask: the assistant tokens (text and end-of-turn token), or with
     `train_on_all` every token but the image placeholders."""
     ids = render_ids(processor, messages, grids, prompt=False)
     if train_on_all:
@@ -174,7 +174,7 @@ def assistant_span(
     ids: list[int],
 ) -> tuple[int, int]:
     """Token range of assistant message `turn`: after the template's "Assistant:" prompt,
-    through its `<end_of_utterance>`, found by rendering the turns before and through it."""
+    through its end-of-turn token, found by rendering the turns before and through it."""
     prompt = render_ids(processor, messages[:turn], grids, prompt=True)
     through = render_ids(processor, messages[: turn + 1], grids, prompt=False)
     # Tokenizing a prefix of the text must give a prefix of the tokens, or the mask would be off.
@@ -183,10 +183,12 @@ def assistant_span(
             f"assistant turn {turn}: the chat template's rendering up to this turn does not "
             "tokenize to a prefix of the whole conversation, so its tokens cannot be located"
         )
-    eou = processor.tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE)
+    # The turn ends at its last stop token (<end_of_utterance>, granite's <|end_of_text|>);
+    # what the template writes after it ("\n") is not the model's to say.
+    stops = processor.tokenizer.eos_token_ids
     span = through[len(prompt) :]
-    # What the template writes after the end-of-turn token ("\n") is not the model's to say.
-    end = len(span) - span[::-1].index(eou) if eou in span else len(span)
+    ends = [i + 1 for i, token in enumerate(span) if token in stops]
+    end = ends[-1] if ends else len(span)
     return len(prompt), len(prompt) + end
 
 
