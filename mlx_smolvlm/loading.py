@@ -6,6 +6,7 @@ import dataclasses
 import glob
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -191,24 +192,17 @@ def load_config(path_or_repo: str | Path, revision: str | None = None) -> dict:
 
 
 def load_model(
-    model_path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False
-) -> Model:
-    """Build the model described by `model_path/config.json` and load its weights."""
-    model_path = Path(model_path)
-    config, raw = read_config(model_path)
-    model = Model(config)
-    return fill_model(model, model.sanitize(load_weights(model_path)), raw, model_path, dtype, lazy)
-
-
-def fill_model(
-    model: nn.Module,
-    weights: dict[str, mx.array],
-    raw: dict[str, Any],
-    model_path: Path,
+    model_path: str | Path,
     dtype: str | mx.Dtype | None = None,
     lazy: bool = False,
-) -> nn.Module:
-    """Quantize `model` like its checkpoint (`raw` config), then check, cast and load `weights`."""
+    build: Callable[[ModelConfig, dict[str, mx.array]], nn.Module] | None = None,
+) -> Model:
+    """Build the model in `model_path` (a SmolVLM, or `build(config, weights)`) and load weights."""
+    model_path = Path(model_path)
+    config, raw = read_config(model_path)
+    weights = load_weights(model_path)
+    model = Model(config) if build is None else build(config, weights)
+    weights = model.sanitize(weights)
     quantize_like(model, raw, weights)
     check_weights(model, weights, model_path)
     compute = resolve_dtype(dtype, raw.get("torch_dtype") or raw.get("dtype"))

@@ -1,7 +1,7 @@
 """The project's pieces the retriever is built from, imported in this one place."""
 
 from ..backends.cpu import prepare
-from ..loading import fill_model, get_model_path, load_weights
+from ..loading import get_model_path, load_model
 from ..model import Model, ModelConfig, load_config
 from ..model.mask import padding_mask
 from ..processing import Processor
@@ -14,10 +14,9 @@ __all__ = [
     "Processor",
     "atomic",
     "fetch_image",
-    "fill_model",
     "get_model_path",
     "load_config",
-    "load_weights",
+    "load_model",
     "padding_mask",
     "prepare",
 ]
