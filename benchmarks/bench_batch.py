@@ -13,40 +13,15 @@ all batch sizes do the same work per sequence.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import mlx_smolvlm  # noqa: F401  (loads the fast CPU BLAS before mlx)
 from mlx_smolvlm import batch_generate, load
+from mlx_smolvlm.random_checkpoint import save_random_checkpoint
 
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[2] / "shared/models/SmolVLM-256M-Instruct"
-TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
-TINY_TEXT_HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}
-TINY_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
-TINY_VISION_HEADS = {"num_attention_heads": 4}
-
-
-def random_checkpoint(config_dir: Path, out: Path, tiny: bool) -> Path:
-    """Write random weights for `config_dir`'s config (shrunk if `tiny`) beside its tokenizer."""
-    import torch
-    import transformers
-
-    config = json.loads((config_dir / "config.json").read_text())
-    if tiny:
-        config["text_config"].update(TINY_TEXT, **TINY_TEXT_HEADS)
-        config["vision_config"].update(TINY_VISION, **TINY_VISION_HEADS)
-    name = "Idefics3" if config["model_type"] == "idefics3" else "SmolVLM"
-    torch.manual_seed(0)
-    model_config = getattr(transformers, f"{name}Config")(**config)
-    model = getattr(transformers, f"{name}ForConditionalGeneration")(model_config)
-    model.save_pretrained(out)
-    for file in config_dir.iterdir():
-        if file.name != "config.json" and file.suffix in (".json", ".txt", ".jinja"):
-            shutil.copy(file, out / file.name)
-    return out
 
 
 def prompts_for(batch: int, image: bool) -> tuple[list[str], list]:
@@ -129,7 +104,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model
         if args.tiny or not any(path.glob("*.safetensors")):
-            path = random_checkpoint(args.model, Path(tmp), args.tiny)
+            path = save_random_checkpoint(args.model, Path(tmp) / "random", tiny=args.tiny)
         model, processor = load(path)
         sizes = [int(s) for s in args.batch_sizes.split(",")]
         measure(model, processor, 1, 4, not args.no_image)  # warm-up

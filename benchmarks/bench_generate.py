@@ -159,13 +159,9 @@ def build_checkpoint(config_dir: Path, out: Path) -> Path:
     """A random-weight checkpoint of the config's shape, made with transformers (cached)."""
     if (out / "model.safetensors").exists():
         return out
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    from reference import copy_tokenizer_files, hf_model
+    from mlx_smolvlm.random_checkpoint import save_random_checkpoint
 
-    config = json.loads((config_dir / "config.json").read_text())
-    hf_model(config, seed=0).save_pretrained(out)
-    copy_tokenizer_files(config_dir, out)
-    return out
+    return save_random_checkpoint(config_dir, out, seed=0, force=True)
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser, workers: dict) -> None:

@@ -36,15 +36,9 @@ def build_source(config_dir: Path, out: Path) -> Path:
     """A random bf16 checkpoint of the config's shape with its tokenizer files (cached)."""
     if (out / "model.safetensors").exists():
         return out
-    import torch
+    from mlx_smolvlm.random_checkpoint import save_random_checkpoint
 
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    from reference import copy_tokenizer_files, hf_model
-
-    config = json.loads((config_dir / "config.json").read_text())
-    hf_model(config, seed=0).to(torch.bfloat16).save_pretrained(out)
-    copy_tokenizer_files(config_dir, out)
-    return out
+    return save_random_checkpoint(config_dir, out, seed=0, dtype="bfloat16", force=True)
 
 
 def build_variant(source: Path, out: Path, options: dict) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import click
@@ -63,6 +64,13 @@ def convert(
     model, raw, dtype = read_model(source, dtype, quantize, dequantize)
     quantization = raw.get("quantization") or raw.get("quantization_config")
     if quantize:
+        if quantize_vision and not mx.metal.is_available():
+            print(
+                "Warning: --quantize-vision: on MLX's CPU backend (no Metal here) quantized "
+                "vision layers make image encoding ~50x slower than float ones; quantize only "
+                "the language model (the default) for CPU use",
+                file=sys.stderr,
+            )
         quantization = quantize_model(model, q_group_size, q_bits, quantize_vision)
     elif dequantize:
         dequantize_model(model)

@@ -8,6 +8,7 @@ approximation of base + adapters) unless `--dequantize` writes float weights ins
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -15,7 +16,14 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import dequantize_model
 
-from .loading import DTYPES, copy_side_files, get_model_path, load_model, stored_dtype
+from .loading import (
+    DTYPES,
+    copy_side_files,
+    get_model_path,
+    load_model,
+    resolve_model,
+    stored_dtype,
+)
 from .model import load_config
 from .tuner.adapters import AdapterError, apply_adapters, fuse_lora
 from .utils import atomic
@@ -35,15 +43,20 @@ def output_config(raw: dict, dtype: str, dequantize: bool) -> dict:
 
 
 def fuse(
-    model: str | Path,
+    model: str | Path | None,
     adapter_path: str | Path,
     save_path: str | Path,
     dequantize: bool = False,
     dtype: str | None = None,
     force: bool = False,
 ) -> Path:
-    """Write base model + adapters as one checkpoint at `save_path`; return its path."""
+    """Write base model + adapters as one checkpoint at `save_path`; return its path.
+
+    `model` defaults to the adapters' recorded base; the image settings the adapters were
+    trained with become the output's preprocessor defaults.
+    """
     target = Path(save_path).expanduser()
+    model, settings = resolve_model(model, adapter_path)
     source = get_model_path(model)
     atomic.recover(target)
     atomic.check_target(target, force, source, "--save-path")
@@ -64,11 +77,31 @@ def fuse(
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         atomic.write_json(tmp / "config.json", output_config(raw, dtype, dequantize))
         copy_side_files(source, tmp)
+        write_image_settings(tmp / "preprocessor_config.json", settings)
     return target
 
 
+def write_image_settings(file: Path, settings: dict) -> None:
+    """Record an adapter's training image settings as the preprocessor config's defaults."""
+    if not settings or not file.exists():
+        return
+    config = json.loads(file.read_text())
+    if "do_image_splitting" in settings:
+        config["do_image_splitting"] = bool(settings["do_image_splitting"])
+    if settings.get("longest_edge") is not None:
+        config["size"] = {"longest_edge": int(settings["longest_edge"])}
+    for key in ("max_tiles", "upscale"):
+        if settings.get(key) is not None:
+            config[key] = settings[key]
+    atomic.write_json(file, config)
+
+
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", required=True, help="The base model the adapters were trained on.")
+@click.option(
+    "--model",
+    default=None,
+    help="The base model [default: the one recorded in the adapters' adapter_config.json].",
+)
 @click.option(
     "--adapter-path",
     required=True,

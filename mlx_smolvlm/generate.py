@@ -15,16 +15,18 @@ from .utils.options import (
     dtype_option,
     image_kwargs,
     image_options,
+    kv_cache_options,
     model_option,
     sampling_options,
 )
+from .utils.progress import terminal_progress
 from .utils.validation import Command, check_generation_options, check_int
 
 __all__ = ["generate", "main", "stream_generate"]
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
-@model_option()
+@model_option(adapter_default=True)
 @click.option("--image", multiple=True, help="Image path or URL; repeat for several images.")
 @click.option("--video", default=None, help="Video file (mp4, mov, webm, gif...); needs PyAV.")
 @click.option("--fps", type=float, default=None, help="Video frames sampled per second [1].")
@@ -33,22 +35,28 @@ __all__ = ["generate", "main", "stream_generate"]
     "--prompt", default=None, help="The question [Describe this image. / Describe this video.]"
 )
 @click.option("--system", default=None, help="System prompt.")
-@click.option("--max-tokens", default=256, show_default=True, help="Most tokens to generate.")
+@click.option(
+    "--max-tokens",
+    default=256,
+    show_default=True,
+    help="Most tokens to generate.",
+)
 @sampling_options
 @click.option(
-    "--adapter-path", default=None, help="LoRA adapters to apply (from mlx_smolvlm.lora)."
+    "--adapter-path",
+    default=None,
+    help="LoRA adapters to apply (from mlx_smolvlm.lora); their base model and image settings "
+    "are the defaults.",
 )
 @dtype_option()
 @image_options
-@click.option(
-    "--kv-bits", type=click.Choice(["4", "8"]), default=None, help="Quantize the KV cache."
-)
-@click.option("--max-kv-size", type=int, default=None, help="Bound the KV cache (images kept).")
+@kv_cache_options
 @click.option(
     "--verbose/--quiet",
     default=True,
     show_default=True,
-    help="Print statistics and the backend's choices at the end.",
+    help="Progress of long prompts on the terminal, statistics and the backend's choices at "
+    "the end.",
 )
 def main(
     model,
@@ -105,6 +113,7 @@ def main(
             kv_bits=int(kv_bits) if kv_bits else None,
             max_kv_size=max_kv_size,
             video=video,
+            progress=terminal_progress(verbose),
             **sampling,
             **tiling,
         ):

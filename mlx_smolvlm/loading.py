@@ -18,7 +18,13 @@ from mlx.utils import tree_flatten
 from .model import Model, ModelConfig
 from .model import load_config as read_config
 from .processing import Processor
-from .tuner.adapters import apply_adapters
+from .tuner.adapters import (
+    adapter_base_model,
+    apply_adapters,
+    apply_image_settings,
+    read_adapter_config,
+)
+from .utils.options import DEFAULT_MODEL
 from .utils.validation import check_keywords
 
 # Files a checkpoint needs: weights, configs, tokenizer and chat template.
@@ -217,19 +223,35 @@ def load_model(
     return model
 
 
+def resolve_model(
+    path_or_repo: str | Path | None, adapter_path: str | Path | None = None
+) -> tuple[str | Path, dict[str, Any]]:
+    """The model to load (given, else the adapters' base, else the default) and the
+    adapters' training image settings; a given model that differs from the base is reported."""
+    if adapter_path is None:
+        return path_or_repo or DEFAULT_MODEL, {}
+    config = read_adapter_config(adapter_path)
+    return adapter_base_model(adapter_path, config, path_or_repo), config.get("image_kwargs") or {}
+
+
 def load(
-    path_or_repo: str | Path,
+    path_or_repo: str | Path | None = None,
     adapter_path: str | Path | None = None,
     dtype: str | mx.Dtype | None = None,
     lazy: bool = False,
     revision: str | None = None,
     **processor_kwargs: Any,
 ) -> tuple[Model, Any]:
-    """Load a SmolVLM checkpoint (local dir or Hub id) and its processor: `(model, processor)`."""
+    """Load a SmolVLM checkpoint (local dir or Hub id) and its processor: `(model, processor)`.
+
+    With `adapter_path`, the model defaults to the adapters' recorded base model and the
+    processor's image defaults become those the adapters were trained with.
+    """
     accepted = ["adapter_path", "dtype", "lazy", "revision"]
     check_keywords(
         "load", processor_kwargs, [*accepted, *(f.name for f in dataclasses.fields(Processor))]
     )
+    path_or_repo, settings = resolve_model(path_or_repo, adapter_path)
     model_path = get_model_path(path_or_repo, revision)
     model = load_model(model_path, dtype=dtype, lazy=True)
     if adapter_path is not None:
@@ -237,7 +259,16 @@ def load(
     if not lazy:
         mx.eval(model.parameters())
     processor = Processor.from_pretrained(model_path, **processor_kwargs)
+    apply_image_settings(processor.image_processor, settings)
     return model, processor
 
 
-__all__ = ["ModelConfig", "get_model_path", "load", "load_config", "load_model", "load_weights"]
+__all__ = [
+    "ModelConfig",
+    "get_model_path",
+    "load",
+    "load_config",
+    "load_model",
+    "load_weights",
+    "resolve_model",
+]

@@ -22,9 +22,10 @@ from .tuner.adapters import (
     AdapterError,
     add_lora,
     lora_parameters,
+    recorded_base,
     select_modules,
 )
-from .tuner.datasets import TrainingError, data_files, load_dataset
+from .tuner.datasets import TrainingError, data_files, load_dataset, warn_upscaled_images
 from .tuner.trainer import (
     DEFAULT_ITERS,
     SCHEDULES,
@@ -84,11 +85,12 @@ def run_training(
         if valid_file
         else []
     )
+    warn_upscaled_images(train_set, processor)
     vlm = load_model(path, dtype=dtype)
     config = {
         "format": ADAPTER_FORMAT,
         "fine_tune_type": "lora",
-        "base_model": str(model),
+        "base_model": recorded_base(model),
         "lora_parameters": lora_parameters(lora_rank, lora_alpha, lora_dropout),
         "modules": select_modules(vlm, lora_layers, target_modules, train_vision),
         "num_layers": lora_layers,

@@ -29,7 +29,7 @@ from PIL import Image
 
 from .generation import GenerationResult, SamplingParams, batch_stream_generate
 from .generation.generate import render_prompt
-from .loading import load
+from .loading import load, resolve_model
 from .processing.fetch import FetchError, FetchLimits, open_image
 from .processing.image import load_image
 from .processing.messages import IMAGE_TYPES, MessageError, request_messages
@@ -722,7 +722,10 @@ POSITIVE = click.IntRange(min=1)
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
-@model_option()
+@model_option(adapter_default=True)
+@click.option(
+    "--adapter-path", default=None, help="LoRA adapters to apply (from mlx_smolvlm.lora)."
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
     "--port",
@@ -807,6 +810,7 @@ POSITIVE = click.IntRange(min=1)
 @tiling_options
 def main(
     model,
+    adapter_path,
     host,
     port,
     allowed_image_dir,
@@ -845,8 +849,8 @@ def main(
     kwargs = image_kwargs(no_image_splitting, longest_edge, max_tiles)
     check_image_kwargs(kwargs)
     try:
-        vlm, processor = load(model, dtype=dtype)
-        name = model_name(model)
+        vlm, processor = load(model, adapter_path=adapter_path, dtype=dtype)
+        name = model_name(str(model or resolve_model(None, adapter_path)[0]))
         server = create_server(
             vlm, processor, name, host, port, limits, batch_window_ms, max_batch_size, kwargs
         )

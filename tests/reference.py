@@ -12,6 +12,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_smolvlm.model import Model, ModelConfig
+from mlx_smolvlm.random_checkpoint import copy_tokenizer_files, hf_model
+
+__all__ = ["copy_tokenizer_files", "hf_model"]  # re-exported for the tests
 
 # Real patch geometry of the family, with small widths and depths to keep tests fast.
 GEOMETRIES = {
@@ -79,27 +82,6 @@ def tiny_config_for_real_tokenizer(model_type: str = "idefics3", geometry: str =
     return tiny_config(model_type, geometry, image_token_id=49190, vocab_size=49280, head_dim=32)
 
 
-def hf_model(config: dict, seed: int = 0):
-    """A float32 transformers model with random weights large enough to make logits distinct."""
-    import torch
-    import transformers
-
-    name = "Idefics3" if config["model_type"] == "idefics3" else "SmolVLM"
-    hf_config = getattr(transformers, f"{name}Config")(**config)
-    torch.manual_seed(seed)
-    model = getattr(transformers, f"{name}ForConditionalGeneration")(hf_config).float().eval()
-    with torch.no_grad():
-        for pname, param in model.named_parameters():
-            if param.ndim == 1 and "norm" in pname:
-                param.copy_(1 + 0.1 * torch.randn_like(param))
-            elif param.ndim == 1:
-                param.copy_(0.02 * torch.randn_like(param))
-            else:
-                fan_in = param[0].numel()
-                param.copy_(torch.randn_like(param) / fan_in**0.5)
-    return model
-
-
 def save_hf_checkpoint(path: Path, config: dict, seed: int = 0, tokenizer_dir: Path | None = None):
     """Write a random HF checkpoint to `path` and return the transformers model."""
     model = hf_model(config, seed)
@@ -107,13 +89,6 @@ def save_hf_checkpoint(path: Path, config: dict, seed: int = 0, tokenizer_dir: P
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, path)
     return model
-
-
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    """Place a real checkpoint's tokenizer/processor files beside random weights."""
-    for file in Path(src).iterdir():
-        if file.name != "config.json" and file.suffix in (".json", ".txt", ".jinja"):
-            (Path(dst) / file.name).write_bytes(file.read_bytes())
 
 
 def image_prompt(tiles: list[int], seq_len: int, rng: np.random.Generator, text: int = 4) -> list:

@@ -10,7 +10,16 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_smolvlm"
 # Optional dependencies, imported where they are used so that the package works without them.
-OPTIONAL = {"threadpoolctl", "matplotlib", "av", "torch", "docling_core", "pypdfium2"}
+OPTIONAL = {
+    "threadpoolctl",
+    "matplotlib",
+    "av",
+    "torch",
+    "transformers",
+    "readline",
+    "docling_core",
+    "pypdfium2",
+}
 
 
 def module_name(path: Path) -> str:

@@ -371,3 +371,14 @@ def test_command_line_entry_points(run, monkeypatch, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--quantize-vision" in out and "--q-group-size" in out
+
+
+def test_quantize_vision_warns_about_cpu_prefill(source, tmp_path, capsys):
+    convert(source, tmp_path / "q8v", quantize=True, q_bits=8, quantize_vision=True)
+    err = capsys.readouterr().err
+    if mx.metal.is_available():
+        assert "--quantize-vision" not in err
+    else:
+        assert "Warning: --quantize-vision" in err and "~50x slower" in err
+    convert(source, tmp_path / "q8", quantize=True, q_bits=8)
+    assert "--quantize-vision" not in capsys.readouterr().err

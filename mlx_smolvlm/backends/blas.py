@@ -4,7 +4,8 @@ The `mlx[cpu]` wheel links the reference BLAS (about 5 GFLOP/s for an fp32 GEMM 
 x86 machine); an OpenBLAS loaded into the global symbol scope before `mlx.core` is imported
 takes over `cblas_sgemm` (60-190 GFLOP/s on the same machine) and gives identical results to
 float32 rounding. libmlx binds its BLAS symbols when it is loaded, so this must run before the
-first `import mlx.core`: `mlx_smolvlm/__init__.py` calls it first thing. It prints nothing;
+first `import mlx.core`: `mlx_smolvlm/__init__.py` calls it first thing. It prints nothing
+unless no optimized BLAS could be loaded (a one-line warning; MLX_SMOLVLM_QUIET=1 hides it);
 `status()` says what was chosen (the CLIs report it with --verbose).
 
 Opt out with MLX_SMOLVLM_BLAS=0; point MLX_SMOLVLM_BLAS at a library file to choose one.
@@ -87,6 +88,8 @@ def enable_fast_blas() -> str | None:
         if choice and choice not in ("1", "auto")
         else "no OpenBLAS found (apt install libopenblas0-pthread): MLX's reference BLAS is slow"
     )
+    if os.environ.get("MLX_SMOLVLM_QUIET") != "1":  # a slow setup is worth one line
+        print(f"[mlx-smolvlm] warning: {reason}", file=sys.stderr)
     return None
 
 

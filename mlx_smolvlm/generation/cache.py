@@ -65,9 +65,10 @@ class PromptCache:
         # Never split an image's block of <image> tokens between cache and new input.
         while common > 0 and ids[common] == image_token_id and ids[common - 1] == image_token_id:
             common -= 1
-        if self.cache is not None and common < len(self.tokens):
+        # The cache may hold more than `tokens` when a generation was stopped midway.
+        if self.cache is not None and self.cache[0].offset > common:
             for c in self.cache:
-                c.trim(len(self.tokens) - common)
+                c.trim(c.offset - common)
         self.tokens = self.tokens[:common]
         return common
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import inspect
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -130,13 +131,17 @@ def stream_generate(
     prefill_step_size: int = 512,
     vision_chunk_size: int = 2,  # tiles encoded at once: bounds the attention scores in memory
     video: Any = None,
+    progress: Callable[[str, int, int], None] | None = None,
     **image_kwargs: Any,
 ) -> Iterator[GenerationResult]:
     """Yield a `GenerationResult` per generated token (`text` holds the new text segment).
 
     `video` adds a video (SmolVLM2); `fps` and `max_frames` in `image_kwargs` override the
     checkpoint's frame sampling. `max_tokens` is lowered to what the context window leaves
-    after the prompt (the results' `notice` says so); a prompt that fills it is an error.
+    after the prompt (the results' `notice` says so); a prompt that fills it is an error; with
+    `max_tokens=0` nothing is encoded or prefilled. `progress(stage, done, total)` hears how
+    the prompt goes: stage "tiles" (image tiles encoded) then "prefill" (prompt tokens in the
+    KV cache).
     """
     check_keywords("stream_generate", image_kwargs, [*IMAGE_KWARGS, *STREAM_PARAMETERS])
     check_sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed)
@@ -158,6 +163,9 @@ def stream_generate(
     max_tokens, notice = fit_to_window(
         len(ids), max_tokens, config.text_config.max_position_embeddings
     )
+    if max_tokens == 0:  # nothing to generate: no image encoding, no prefill
+        yield GenerationResult(finish_reason="length", notice=notice)
+        return
     prompt_cache = prompt_cache or PromptCache(model, max_kv_size)
     reused = prompt_cache.reuse(ids, config.image_token_id, config.image_seq_len)
     new_ids = ids[reused:]
@@ -167,10 +175,12 @@ def stream_generate(
     if "pixel_values" in inputs and config.image_token_id in new_ids:
         # Tiles whose <image> tokens are already in the cache are not encoded again.
         first = ids[:reused].count(config.image_token_id) // config.image_seq_len
-        features = model.get_image_features(
+        features = encode_tiles(
+            model,
             inputs["pixel_values"][:, first:],
             inputs["pixel_attention_mask"][:, first:],
-            chunk_size=vision_chunk_size,
+            vision_chunk_size,
+            progress,
         )
     embeddings = model.embed([new_ids], image_features=features)[0]
 
@@ -191,6 +201,7 @@ def stream_generate(
         kv_group_size=kv_group_size,
         quantized_kv_start=0,
         input_embeddings=embeddings,
+        prompt_progress_callback=progress and partial(progress, "prefill"),
     )
     result = GenerationResult(prompt_tokens=len(new_ids), notice=notice)
     decode_start = start
@@ -219,6 +230,30 @@ def stream_generate(
     fed = new_ids + result.token_ids + ([result.token] if result.finish_reason == "stop" else [])
     prompt_cache.tokens = (prompt_cache.tokens + fed)[: cache[0].offset]
     yield result
+
+
+def encode_tiles(
+    model: Model,
+    pixel_values: Any,
+    pixel_attention_mask: Any,
+    chunk_size: int,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> mx.array:
+    """Image features of the prompt's tiles, `chunk_size` tiles at a time, reporting each."""
+    if progress is None:
+        return model.get_image_features(pixel_values, pixel_attention_mask, chunk_size)
+    total = pixel_values.shape[1]
+    parts = []
+    for start in range(0, total, chunk_size):
+        part = model.get_image_features(
+            pixel_values[:, start : start + chunk_size],
+            pixel_attention_mask[:, start : start + chunk_size],
+            chunk_size,
+        )
+        if part.size:  # a chunk of padding tiles has no features
+            parts.append(part)
+        progress("tiles", min(start + chunk_size, total), total)
+    return mx.concatenate(parts)
 
 
 STREAM_PARAMETERS = tuple(inspect.signature(stream_generate).parameters)[:-1]  # not **image_kwargs

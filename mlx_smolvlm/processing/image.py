@@ -215,6 +215,9 @@ class ImageProcessor:
     do_pad: bool = True
     do_convert_rgb: bool = True
     resample: int = Image.Resampling.LANCZOS
+    # Defaults of the call's `upscale` / `max_tiles` (an adapter's training settings set them).
+    upscale: bool = True
+    max_tiles: int | None = None
 
     def __post_init__(self) -> None:
         self.size = _longest_edge(self.size, "size")
@@ -261,12 +264,14 @@ class ImageProcessor:
         do_image_splitting: bool | None = None,
         longest_edge: int | None = None,
         max_image_size: int | None = None,
-        upscale: bool = True,
+        upscale: bool | None = None,
         max_tiles: int | None = None,
     ) -> dict[str, Any]:
         """Process a batch (list of per-sample lists) of PIL images into padded pixel arrays."""
         batch = _nest(images)
         split = self.do_image_splitting if do_image_splitting is None else do_image_splitting
+        upscale = self.upscale if upscale is None else upscale
+        max_tiles = self.max_tiles if max_tiles is None else max_tiles
         edge = longest_edge or self.longest_edge
         tile = max_image_size or self.tile_size
         if max_tiles is not None and max_tiles < 0:

@@ -7,6 +7,7 @@ adapters.safetensors beside adapter_config.json.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,53 @@ def read_adapter_config(adapter_path: str | Path) -> dict[str, Any]:
     if not isinstance(config.get("modules"), list) or not config["modules"]:
         raise AdapterError(f"{file}: 'modules' must list the adapted layers")
     return config
+
+
+def recorded_base(model: str | Path) -> str:
+    """The base model as adapter_config.json records it: an absolute folder, or a Hub repo id."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else str(model)
+
+
+def same_model(a: str | Path, b: str | Path) -> bool:
+    """Whether two model names (local folders or Hub repo ids) name the same checkpoint."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return str(a).rstrip("/") == str(b).rstrip("/")
+
+
+def adapter_base_model(
+    adapter_path: str | Path, config: dict[str, Any], model: str | Path | None
+) -> str | Path:
+    """The model to load under adapters: `model` if given (a differing recorded base is
+    reported on stderr), else the base recorded in adapter_config.json."""
+    base = config.get("base_model")
+    if model is None:
+        if not base:
+            raise AdapterError(
+                f"{Path(adapter_path) / CONFIG_FILE} records no base_model: pass --model"
+            )
+        return base
+    if base and not same_model(model, base):
+        print(
+            f"Warning: the adapters in {adapter_path} were trained on {base}, "
+            f"but --model is {model}",
+            file=sys.stderr,
+        )
+    return model
+
+
+def apply_image_settings(image_processor: Any, settings: dict[str, Any]) -> None:
+    """Make an adapter's training image settings the image processor's defaults."""
+    if "do_image_splitting" in settings:
+        image_processor.do_image_splitting = bool(settings["do_image_splitting"])
+    if settings.get("longest_edge") is not None:
+        image_processor.size = {"longest_edge": int(settings["longest_edge"])}
+    if settings.get("max_tiles") is not None:
+        image_processor.max_tiles = int(settings["max_tiles"])
+    if "upscale" in settings:
+        image_processor.upscale = bool(settings["upscale"])
 
 
 def load_adapter_weights(model: nn.Module, file: Path) -> None:

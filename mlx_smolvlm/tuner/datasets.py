@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,9 +119,10 @@ def image_grid(image_processor: ImageProcessor, path: Path, image_kwargs: dict) 
     tile = image_kwargs.get("max_image_size") or image_processor.tile_size
     if image_processor.do_resize:
         edge = image_kwargs.get("longest_edge") or image_processor.longest_edge
-        upscale = image_kwargs.get("upscale", True)
-        if image_kwargs.get("max_tiles") is not None:
-            edge = edge_for_max_tiles(height, width, edge, tile, upscale, image_kwargs["max_tiles"])
+        upscale = image_kwargs.get("upscale", image_processor.upscale)
+        max_tiles = image_kwargs.get("max_tiles", image_processor.max_tiles)
+        if max_tiles is not None:
+            edge = edge_for_max_tiles(height, width, edge, tile, upscale, max_tiles)
         height, width = resized_size(height, width, edge, upscale)
     return tile_grid(*encoder_size(height, width, tile), tile)
 
@@ -238,6 +240,41 @@ def load_dataset(
             + (f"\n  ... and {more} more" if more > 0 else "")
         )
     return samples
+
+
+def warn_upscaled_images(samples: list[Sample], processor: Processor) -> None:
+    """Warn when records are mostly image tokens because small images were upscaled into
+    many tiles: training on them costs far more than the text they carry is worth."""
+    tile = processor.image_processor.tile_size
+    upscaled = []
+    for sample in samples:
+        image_tokens = sample.ids.count(processor.image_token_id)
+        if image_tokens <= 10 * (len(sample.ids) - image_tokens):
+            continue
+        for path, (rows, cols) in zip(sample.images, sample.grids):
+            if rows * cols > 1 and max(_image_size(path)) < tile:
+                upscaled.append((sample, path, rows * cols + 1, image_tokens))
+                break
+    if not upscaled:
+        return
+    sample, path, tiles, image_tokens = upscaled[0]
+    width, height = _image_size(path)
+    print(
+        f"Warning: {len(upscaled)} of {len(samples)} records are mostly image tokens "
+        f"(e.g. {sample.where}: {image_tokens} image tokens for "
+        f"{len(sample.ids) - image_tokens} text tokens) because images smaller than one "
+        f"{tile}-pixel tile (e.g. {path.name}, {width}x{height}) are upscaled into {tiles} "
+        "tiles: train with --no-image-splitting (one tile per image) or a smaller "
+        "--longest-edge for much cheaper steps.",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from an image file's header."""
+    with Image.open(path) as image:
+        return image.size
 
 
 # ---------------------------------------------------------------------------

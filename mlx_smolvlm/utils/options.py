@@ -39,6 +39,11 @@ IMAGE = [
     ),
     *TILING,
     click.option(
+        "--image-splitting",
+        is_flag=True,
+        help="Split images into tiles even where adapters were trained without (a flag wins).",
+    ),
+    click.option(
         "--no-upscale",
         is_flag=True,
         help="Do not upscale images smaller than the longest edge.",
@@ -58,6 +63,14 @@ SAMPLING = [
 ]
 
 
+KV_CACHE = [
+    click.option(
+        "--kv-bits", type=click.Choice(["4", "8"]), default=None, help="Quantize the KV cache."
+    ),
+    click.option("--max-kv-size", type=int, default=None, help="Bound the KV cache (images kept)."),
+]
+
+
 def _apply(options: list[Callable]) -> Callable:
     def decorate(f: Callable) -> Callable:
         for option in reversed(options):
@@ -70,12 +83,19 @@ def _apply(options: list[Callable]) -> Callable:
 tiling_options = _apply(TILING)  # --no-image-splitting, --longest-edge, --max-tiles
 image_options = _apply(IMAGE)  # the tiling options plus --resize-shape and --no-upscale
 sampling_options = _apply(SAMPLING)
+kv_cache_options = _apply(KV_CACHE)  # --kv-bits, --max-kv-size
 
 
-def model_option(help: str = "Hub repo id or local path.", **kwargs: Any) -> Callable:
-    """--model, the hub default unless `required=True` is given."""
+def model_option(
+    help: str = "Hub repo id or local path.", adapter_default: bool = False, **kwargs: Any
+) -> Callable:
+    """--model: the hub default, none with `required=True`, or with `adapter_default` the base
+    model recorded by --adapter-path (the hub default without adapters; `loading.load` decides)."""
     if kwargs.get("required"):
         return click.option("--model", help=help, **kwargs)
+    if adapter_default:
+        help = f"{help} [default: the base model of --adapter-path, else {DEFAULT_MODEL}]"
+        return click.option("--model", default=None, help=help, **kwargs)
     return click.option("--model", default=DEFAULT_MODEL, show_default=True, help=help, **kwargs)
 
 
@@ -91,12 +111,15 @@ def image_kwargs(
     longest_edge: int | None = None,
     max_tiles: int | None = None,
     no_upscale: bool = False,
+    image_splitting: bool = False,
     **_: Any,
 ) -> dict[str, Any]:
     """Processor keyword arguments for the image options given on the command line."""
+    if image_splitting and no_image_splitting:
+        raise click.UsageError("give --image-splitting or --no-image-splitting, not both")
     kwargs: dict[str, Any] = {}
-    if no_image_splitting:
-        kwargs["do_image_splitting"] = False
+    if no_image_splitting or image_splitting:
+        kwargs["do_image_splitting"] = image_splitting
     if longest_edge is not None:
         kwargs["longest_edge"] = longest_edge
     if max_tiles is not None:

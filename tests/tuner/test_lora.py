@@ -32,6 +32,7 @@ from mlx_smolvlm.tuner.datasets import (
     image_grid,
     load_dataset,
     make_batch,
+    warn_upscaled_images,
 )
 from mlx_smolvlm.tuner.trainer import loss_fn
 
@@ -243,6 +244,78 @@ def test_generate_cli_applies_adapters(trained, checkpoint, data):
     assert result.output.strip() == "A green square."
     result = CliRunner().invoke(generate_main, [*args[:2], "--adapter-path", str(data)])
     assert result.exit_code != 0 and "adapter_config.json not found" in result.output
+
+
+def test_adapters_carry_their_base_model_and_image_settings(trained, checkpoint, data, capsys):
+    adapters, _ = trained
+    config = json.loads((adapters / "adapter_config.json").read_text())
+    assert config["base_model"] == str(checkpoint.resolve())
+    assert config["image_kwargs"] == {"do_image_splitting": False}
+    model, processor = load(adapter_path=adapters)  # no model: the recorded base
+    assert processor.image_processor.do_image_splitting is False
+    image = str(data / "images" / "red.png")
+    assert generate(model, processor, PROMPT, image, max_tokens=8).text.strip() == "A red square."
+    assert "Warning" not in capsys.readouterr().err
+
+
+def test_a_model_other_than_the_recorded_base_is_reported(trained, checkpoint, tmp_path, capsys):
+    adapters, _ = trained
+    other = shutil.copytree(checkpoint, tmp_path / "other")
+    load(other, adapter_path=adapters)
+    err = capsys.readouterr().err
+    assert f"trained on {checkpoint.resolve()}" in err and f"--model is {other}" in err
+    config = json.loads((adapters / "adapter_config.json").read_text())
+    del config["base_model"]
+    bare = shutil.copytree(adapters, tmp_path / "bare")
+    (bare / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match="records no base_model: pass --model"):
+        load(adapter_path=bare)
+
+
+def test_generate_and_chat_clis_apply_the_adapters_settings(trained, data):
+    from mlx_smolvlm.chat import main as chat_main
+    from mlx_smolvlm.generate import main as generate_main
+
+    adapters, _ = trained
+    image = str(data / "images" / "green.png")
+    args = [
+        "--adapter-path",
+        str(adapters),
+        "--prompt",
+        PROMPT,
+        "--image",
+        image,
+        "--max-tokens",
+        "8",
+    ]
+    result = CliRunner().invoke(generate_main, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().startswith("A green square.")
+    assert "Prompt: " in result.output
+    one_tile = int(result.output.split("Prompt: ")[1].split()[0])
+    # A flag still wins: splitting the 32-pixel image (upscaled to 512) gives 17 tiles.
+    result = CliRunner().invoke(generate_main, [*args, "--image-splitting"])
+    assert result.exit_code == 0, result.output
+    assert int(result.output.split("Prompt: ")[1].split()[0]) > one_tile + 16 * 64
+    result = CliRunner().invoke(
+        chat_main, ["--adapter-path", str(adapters), "--image", image, "--max-tokens", "8"],
+        input=f"{PROMPT}\n",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "A green square." in result.output
+
+
+def test_fuse_takes_the_base_and_image_settings_from_the_adapters(trained, data, tmp_path):
+    adapters, _ = trained
+    out = tmp_path / "fused"
+    result = CliRunner().invoke(
+        fuse_cli.main, ["--adapter-path", str(adapters), "--save-path", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "preprocessor_config.json").read_text())["do_image_splitting"] is False
+    model, processor = load(out)
+    image = str(data / "images" / "blue.png")
+    assert generate(model, processor, PROMPT, image, max_tokens=8).text.strip() == "A blue square."
 
 
 def test_adapter_files_and_loading(trained, checkpoint):
@@ -563,3 +636,44 @@ def test_example_script_runs(checkpoint, tmp_path):
     result = CliRunner().invoke(example.main, args)
     assert result.exit_code == 0, result.output
     assert "training loss" in result.output and result.output.count("expected") == 8
+
+
+def test_warning_when_small_images_are_upscaled_into_many_tiles(processor, data, capsys):
+    split = load_dataset(data / "train.jsonl", processor, 4096)
+    warn_upscaled_images(split, processor)
+    err = capsys.readouterr().err
+    assert err.startswith("Warning: 4 of 4 records are mostly image tokens")
+    assert "32x32) are upscaled into 17 tiles" in err and "--no-image-splitting" in err
+    one_tile = load_dataset(data / "train.jsonl", processor, 4096, ONE_TILE)
+    warn_upscaled_images(one_tile, processor)
+    assert capsys.readouterr().err == ""
+
+
+def test_server_cli_applies_the_adapters(trained, checkpoint, monkeypatch):
+    from mlx_smolvlm import server
+
+    adapters, _ = trained
+    started = {}
+
+    class Stopped:
+        server_address = ("127.0.0.1", 0)
+
+        def serve_forever(self):
+            raise KeyboardInterrupt  # as if the operator pressed Ctrl-C at once
+
+        def server_close(self):
+            pass
+
+    def fake_create_server(vlm, processor, model_id, *args):
+        started.update(vlm=vlm, processor=processor, model_id=model_id)
+        return Stopped()
+
+    monkeypatch.setattr(server, "create_server", fake_create_server)
+    result = CliRunner().invoke(server.main, ["--adapter-path", str(adapters), "--port", "0"])
+    assert result.exit_code == 0, result.output
+    assert started["model_id"] == checkpoint.name  # the recorded base, by its folder name
+    assert started["processor"].image_processor.do_image_splitting is False
+    layer = started["vlm"].language_model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoRALinear)
+    result = CliRunner().invoke(server.main, ["--adapter-path", str(checkpoint)])
+    assert result.exit_code == 1 and "adapter_config.json not found" in result.output
