@@ -71,6 +71,7 @@ def main(
     quiet,
     resize_shape,
     no_image_splitting,
+    image_splitting,
     longest_edge,
     max_tiles,
     no_upscale,
@@ -90,7 +91,7 @@ def main(
     if repetition_penalty is not None:
         raise click.UsageError("--repetition-penalty is not available for batched captioning")
     sampler = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p}
-    tiling = image_kwargs(no_image_splitting, longest_edge, max_tiles, no_upscale)
+    tiling = image_kwargs(no_image_splitting, longest_edge, max_tiles, no_upscale, image_splitting)
     # Checked before the model loads: a bad option fails at once, naming its flag.
     check_generation_options(
         max_tokens, {**sampler, "seed": seed}, tiling, resize_shape, prompt=prompt, system=system
