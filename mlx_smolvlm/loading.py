@@ -6,7 +6,6 @@ import dataclasses
 import glob
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -198,17 +197,25 @@ def load_config(path_or_repo: str | Path, revision: str | None = None) -> dict:
 
 
 def load_model(
-    model_path: str | Path,
-    dtype: str | mx.Dtype | None = None,
-    lazy: bool = False,
-    build: Callable[[ModelConfig, dict[str, mx.array]], nn.Module] | None = None,
+    model_path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False
 ) -> Model:
-    """Build the model in `model_path` (a SmolVLM, or `build(config, weights)`) and load weights."""
+    """Build the model described by `model_path/config.json` and load its weights."""
     model_path = Path(model_path)
     config, raw = read_config(model_path)
-    weights = load_weights(model_path)
-    model = Model(config) if build is None else build(config, weights)
-    weights = model.sanitize(weights)
+    model = Model(config)
+    return load_into(model, model.sanitize(load_weights(model_path)), raw, model_path, dtype, lazy)
+
+
+def load_into(
+    model: nn.Module,
+    weights: dict[str, mx.array],
+    raw: dict,
+    model_path: Path,
+    dtype: str | mx.Dtype | None = None,
+    lazy: bool = False,
+) -> nn.Module:
+    """Load a checkpoint's (sanitized) `weights` into `model`: quantized layers as its
+    config.json describes, every weight checked, floats cast to the compute dtype, eval mode."""
     quantize_like(model, raw, weights)
     check_weights(model, weights, model_path)
     compute = resolve_dtype(dtype, raw.get("torch_dtype") or raw.get("dtype"))

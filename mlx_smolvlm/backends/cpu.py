@@ -2,10 +2,11 @@
 
 `prepare(model)` is called by the generation entry points (`stream_generate`,
 `batch_stream_generate`) once per call, before any work: on MLX's CPU backend, for a float32
-model in eval mode, it swaps the model's attention, MLP, layer-norm and decoder modules for
-subclasses that run their non-differentiable parts with numpy (the way LoRA swaps linear
-layers); elsewhere (Metal, bf16/quantized weights, MLX_SMOLVLM_HOST_KERNELS=0) it swaps any
-such subclass back, and the pure-MLX modules of `mlx_smolvlm.model` run. The swapped modules
+model, it swaps the model's attention, MLP, layer-norm and decoder modules for subclasses
+that run their non-differentiable parts with numpy (the way LoRA swaps linear layers; the
+numpy decoder only where every decoder layer is a plain float32 one: not quantized, not
+adapted); elsewhere (Metal, bf16/fp16 weights, MLX_SMOLVLM_HOST_KERNELS=0) it swaps any such
+subclass back, and the pure-MLX modules of `mlx_smolvlm.model` run. The swapped modules
 share the originals' parameters (same names, same arrays), so weights, adapters and saved
 checkpoints are unaffected. Training builds its own model and never calls `prepare`; a
 prepared module that is put in training mode runs the MLX code of its base class.

@@ -1,7 +1,7 @@
 """The project's pieces the retriever is built from, imported in this one place."""
 
 from ..backends.cpu import prepare
-from ..loading import get_model_path, load_model
+from ..loading import get_model_path, load_into, load_weights
 from ..model import Model, ModelConfig, load_config
 from ..model.mask import padding_mask
 from ..processing import Processor
@@ -15,8 +15,9 @@ __all__ = [
     "atomic",
     "fetch_image",
     "get_model_path",
+    "load_into",
     "load_config",
-    "load_model",
+    "load_weights",
     "padding_mask",
     "prepare",
 ]

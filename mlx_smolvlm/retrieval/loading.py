@@ -12,12 +12,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 
-from .backbone import (
-    ModelConfig,
-    get_model_path,
-    load_model,
-    prepare,
-)
+from .backbone import get_model_path, load_config, load_into, load_weights, prepare
 from .model import ColIdefics3
 from .processing import RetrievalProcessor
 
@@ -63,16 +58,16 @@ def load_colidefics3(
     model_path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False
 ) -> ColIdefics3:
     """Build a ColIdefics3 from a full checkpoint (colpali-engine's or a converted MLX one)."""
-
-    def build(config: ModelConfig, weights: dict[str, mx.array]) -> ColIdefics3:
-        if "linear.weight" not in weights:
-            raise ValueError(
-                f"{model_path}: no linear.weight (the retrieval projection): not a ColIdefics3 "
-                "checkpoint; a plain SmolVLM model cannot embed pages"
-            )
-        return ColIdefics3(config, dim=int(weights["linear.weight"].shape[0]))
-
-    return load_model(model_path, dtype, lazy, build)
+    model_path = Path(model_path)
+    config, raw = load_config(model_path)
+    weights = load_weights(model_path)
+    if "linear.weight" not in weights:
+        raise ValueError(
+            f"{model_path}: no linear.weight (the retrieval projection): not a ColIdefics3 "
+            "checkpoint; a plain SmolVLM model cannot embed pages"
+        )
+    model = ColIdefics3(config, dim=int(weights["linear.weight"].shape[0]))
+    return load_into(model, model.sanitize(weights), raw, model_path, dtype, lazy)
 
 
 def _module_name(model: ColIdefics3, hf_name: str) -> str:
