@@ -25,7 +25,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_generate import OPENBLAS, build_checkpoint, mlx_vlm_checkpoint  # noqa: E402
+from bench_generate import (  # noqa: E402
+    OPENBLAS,
+    add_worker_arguments,
+    checkpoint_for,
+    mlx_vlm_checkpoint,
+)
 
 PROMPT = "Convert this page to docling."
 DPI = 144
@@ -121,10 +126,7 @@ def main() -> None:
     )
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--impl", default="mlx-smolvlm,mlx-vlm")
-    parser.add_argument("--mlx-vlm-python", default=None, help="interpreter with mlx-vlm installed")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
-    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    add_worker_arguments(parser, WORKERS)
     parser.add_argument("--pdf", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -135,11 +137,7 @@ def main() -> None:
     if args.model is None:
         parser.error("--model is required")
     args.out.mkdir(parents=True, exist_ok=True)
-    checkpoint = (
-        build_checkpoint(args.model, args.out / "checkpoint")
-        if not list(args.model.glob("*.safetensors"))
-        else args.model
-    )
+    checkpoint = checkpoint_for(args.model, args.out)
     args.pdf = make_pdf(args.out / "pages.pdf", args.pages)
     args.dtype, args.quantize = "float32", None  # mlx-vlm's own float32 conversion
     workers = {}

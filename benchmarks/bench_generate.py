@@ -203,6 +203,21 @@ def build_checkpoint(config_dir: Path, out: Path) -> Path:
     return save_random_checkpoint(config_dir, out, seed=0, force=True)
 
 
+def add_worker_arguments(parser: argparse.ArgumentParser, workers: dict) -> None:
+    """Options every comparing benchmark has: mlx-vlm's interpreter, results, the worker's own."""
+    parser.add_argument("--mlx-vlm-python", default=None, help="interpreter with mlx-vlm installed")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--worker", choices=list(workers), help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+
+
+def checkpoint_for(model: Path, out: Path) -> Path:
+    """`model` when it holds weights, else a random checkpoint built from its config in `out`."""
+    if list(model.glob("*.safetensors")):
+        return model
+    return build_checkpoint(model, out / "checkpoint")
+
+
 def convert_checkpoint(command: list[str], source: Path, out: Path, args) -> Path:
     """`out`, converted from `source` with a converter's command line at the run's dtype and
     quantization unless it is there already."""
@@ -388,16 +403,13 @@ def main() -> None:
         default=900,
         help="the most a background job runs (it is killed when its measurement ends)",
     )
-    parser.add_argument("--mlx-vlm-python", default=None, help="interpreter with mlx-vlm installed")
     parser.add_argument(
         "--mlx-smolvlm-python",
         default=sys.executable,
         help="interpreter for mlx-smolvlm (one without the test extras measures what users "
         "install: torch, if present, is imported by transformers and adds ~180 MB)",
     )
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
-    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    add_worker_arguments(parser, WORKERS)
     parser.add_argument("--image", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -409,11 +421,7 @@ def main() -> None:
     # A terminated benchmark still stops its background jobs (the `finally` of run_worker).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.out.mkdir(parents=True, exist_ok=True)
-    checkpoint = (
-        build_checkpoint(args.model, args.out / "checkpoint")
-        if not list(args.model.glob("*.safetensors"))
-        else args.model
-    )
+    checkpoint = checkpoint_for(args.model, args.out)
     if not args.text_only:
         args.image = make_image(args.out / "image.png", args.image_size)
     variant = args.dtype + (f"-q{args.quantize}" if args.quantize else "")

@@ -22,13 +22,7 @@ from .utils.options import (
     model_option,
     sampling_options,
 )
-from .utils.validation import (
-    Command,
-    check_image_kwargs,
-    check_resize_shape,
-    check_sampling,
-    check_text,
-)
+from .utils.validation import Command, check_generation_options
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
@@ -77,6 +71,7 @@ def main(
     quiet,
     resize_shape,
     no_image_splitting,
+    image_splitting,
     longest_edge,
     max_tiles,
     no_upscale,
@@ -96,14 +91,11 @@ def main(
     if repetition_penalty is not None:
         raise click.UsageError("--repetition-penalty is not available for batched captioning")
     sampler = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p}
-    tiling = image_kwargs(no_image_splitting, longest_edge, max_tiles, no_upscale)
+    tiling = image_kwargs(no_image_splitting, longest_edge, max_tiles, no_upscale, image_splitting)
     # Checked before the model loads: a bad option fails at once, naming its flag.
-    for name, text in (("prompt", prompt), ("system", system)):
-        if text is not None:
-            check_text(name, text)
-    check_sampling(max_tokens, **sampler, seed=seed)
-    check_image_kwargs(tiling)
-    check_resize_shape(resize_shape)
+    check_generation_options(
+        max_tokens, {**sampler, "seed": seed}, tiling, resize_shape, prompt=prompt, system=system
+    )
     try:
         check_output(output)
         items = read_items(source, prompt, image_column, prompt_column, id_column)

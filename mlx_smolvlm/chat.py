@@ -31,14 +31,7 @@ from .utils.options import (
     sampling_options,
 )
 from .utils.progress import terminal_progress
-from .utils.validation import (
-    Command,
-    check_image_kwargs,
-    check_resize_shape,
-    check_sampling,
-    check_text,
-    print_error,
-)
+from .utils.validation import Command, check_generation_options, check_text, print_error
 
 PROMPT = ">> "
 COMMANDS = {
@@ -208,11 +201,7 @@ def main(
     }
     kwargs = image_kwargs(**options)
     # Checked before the model loads: a bad option fails at once, naming its flag.
-    check_sampling(max_tokens, **sampling)
-    check_image_kwargs(kwargs)
-    check_resize_shape(resize_shape)
-    if system is not None:
-        check_text("system", system)
+    check_generation_options(max_tokens, sampling, kwargs, resize_shape, system=system)
     generation = {
         "max_tokens": max_tokens,
         "system": system,

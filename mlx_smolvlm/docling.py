@@ -22,7 +22,7 @@ from .documents.pipeline import (
     MODELS,
     convert,
 )
-from .documents.sources import DEFAULT_DPI, Source, find_documents, open_source, parse_pages
+from .processing.pages import DEFAULT_DPI, Source, find_files, open_source, parse_pages
 from .utils.validation import Command, debug
 
 USER_ERRORS = (FileNotFoundError, ValueError, OSError, ImportError)
@@ -49,7 +49,7 @@ def plan(
         raise FileExistsError(f"--output {output} is a file, not a folder")
     documents = []
     writers: dict[str, Path] = {}
-    for path in find_documents(inputs):
+    for path in find_files(inputs):
         source = open_source(path)
         if source.name in writers:
             raise ValueError(

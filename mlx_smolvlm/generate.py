@@ -20,14 +20,7 @@ from .utils.options import (
     sampling_options,
 )
 from .utils.progress import terminal_progress
-from .utils.validation import (
-    Command,
-    check_image_kwargs,
-    check_int,
-    check_resize_shape,
-    check_sampling,
-    check_text,
-)
+from .utils.validation import Command, check_generation_options, check_int
 
 __all__ = ["generate", "main", "stream_generate"]
 
@@ -92,12 +85,14 @@ def main(
     repetition_penalty, seed = options.pop("repetition_penalty"), options.pop("seed")
     tiling = image_kwargs(**options)
     # Checked before the model loads: a bad option fails at once, naming its flag.
-    check_text("prompt", prompt)
-    if system is not None:
-        check_text("system", system)
-    check_sampling(max_tokens, **sampler, repetition_penalty=repetition_penalty, seed=seed)
-    check_image_kwargs({**sampling, **tiling})
-    check_resize_shape(resize_shape)
+    check_generation_options(
+        max_tokens,
+        {**sampler, "repetition_penalty": repetition_penalty, "seed": seed},
+        {**sampling, **tiling},
+        resize_shape,
+        prompt=prompt,
+        system=system,
+    )
     if max_kv_size is not None:
         check_int("max_kv_size", max_kv_size, 1)
     try:

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from .processing.pages import DEFAULT_DPI
 from .retrieval import (
     Index,
     build_index,
@@ -19,13 +20,12 @@ from .retrieval import (
     load_retriever,
 )
 from .retrieval.index import INDEX_FILE, read_metadata
-from .retrieval.sources import DEFAULT_DPI
 from .utils.options import dtype_option
 from .utils.validation import Group
 
 DEFAULT_MODEL = "vidore/colSmol-256M"
 # Failures a user can cause (paths, files, settings); anything else is a bug and keeps its traceback.
-USER_ERRORS = (OSError, ValueError)
+USER_ERRORS = (OSError, ValueError, ImportError)
 
 
 def run(action: Callable[[], Any], verbose: bool) -> Any:

@@ -1,4 +1,4 @@
-"""Test documents: multi-page PDFs drawn with Pillow, and DocTags pages written by hand."""
+"""Test documents and pictures: multi-page PDFs and pictures drawn with Pillow, DocTags pages."""
 
 from __future__ import annotations
 
@@ -111,3 +111,12 @@ def make_encrypted_pdf(path: Path) -> Path:
     )
     path.write_bytes(path.read_bytes().replace(b"/Info", security + b"/Info"))
     return path
+
+
+def picture(width: int = 700, height: int = 500) -> Image.Image:
+    """A picture of a yellow disc and a red bar on blue, for prompts about an image."""
+    image = Image.new("RGB", (width, height), (30, 90, 160))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((100, 80, 400, 380), fill=(240, 200, 40))
+    draw.rectangle((450, 50, 650, 450), fill=(200, 30, 60))
+    return image

@@ -1,4 +1,4 @@
-"""Random checkpoints made with transformers (the reference), and inputs shaped like the processor's."""
+"""Random checkpoints (transformers' reference ones, tiny MLX ones) and processor-shaped inputs."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ import json
 import types
 from pathlib import Path
 
+import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
+from mlx_smolvlm.model import Model, ModelConfig
 from mlx_smolvlm.random_checkpoint import copy_tokenizer_files, hf_model
 
 __all__ = ["copy_tokenizer_files", "hf_model"]  # re-exported for the tests
@@ -180,3 +184,28 @@ def hf_processor(directory: Path):
         image_seq_len=seq_len,
         chat_template=template,
     )
+
+
+def write_checkpoint(path: Path, quantize: bool = False) -> Path:
+    """A tiny random SmolVLM with the real 256M tokenizer and 128-pixel tiles of 64 tokens."""
+    from conftest import real_model_dir
+
+    config = tiny_config_for_real_tokenizer()
+    # 128px tiles, 8px patches, shuffle 2: 64 tokens per tile like the real model, 16x cheaper.
+    config["vision_config"].update(image_size=128, patch_size=8)
+    config["scale_factor"] = 2
+    mx.random.seed(0)
+    model = Model(ModelConfig.from_dict(config))
+    # A 64-wide random head caps logits near 5, too low to ever be confident over 49k tokens.
+    model.language_model.lm_head.weight = model.language_model.lm_head.weight * 4
+    if quantize:
+        nn.quantize(model, group_size=64, bits=4)
+        config["quantization"] = {"group_size": 64, "bits": 4}
+    path.mkdir(parents=True)
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (path / "config.json").write_text(json.dumps(config))
+    copy_tokenizer_files(real_model_dir("SmolVLM-256M-Instruct"), path)
+    image_config = json.loads((path / "preprocessor_config.json").read_text())
+    image_config.update(max_image_size={"longest_edge": 128}, size={"longest_edge": 512})
+    (path / "preprocessor_config.json").write_text(json.dumps(image_config))
+    return path

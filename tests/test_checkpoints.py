@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import real_model_dir
-from PIL import Image, ImageDraw
+from pages import picture
+from PIL import Image
 from reference import hf_logits, hf_model, hf_processor
 
 from mlx_smolvlm import load
@@ -54,14 +55,6 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-
-
-def picture(width: int = 700, height: int = 500) -> Image.Image:
-    image = Image.new("RGB", (width, height), (30, 90, 160))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((100, 80, 400, 380), fill=(240, 200, 40))
-    draw.rectangle((450, 50, 650, 450), fill=(200, 30, 60))
-    return image
 
 
 def messages(image: Image.Image, text: str = "Convert this page to docling.") -> list[dict]:

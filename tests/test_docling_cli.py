@@ -12,7 +12,7 @@ from reference import save_hf_checkpoint, tiny_config_for_real_tokenizer
 from mlx_smolvlm import load
 from mlx_smolvlm.docling import main
 from mlx_smolvlm.documents import DEFAULT_PROMPT, extras, generate_doctags, pipeline, render_pages
-from mlx_smolvlm.documents.sources import open_source
+from mlx_smolvlm.processing.pages import open_source
 
 
 def run(*args: str):

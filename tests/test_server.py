@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import base64
-import http.client
-import io
 import json
 import os
-import queue
-import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -16,16 +12,15 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 from reference import save_hf_checkpoint, tiny_config_for_real_tokenizer
+from serving import TIMEOUT, assert_error, call, chat, data_url, picture, request, serve
 
 from mlx_smolvlm import generate, load
 
 pytest.importorskip("transformers")
 pytest.importorskip("torch")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMEOUT = 120  # seconds for any one HTTP exchange or the server start
 CAP = 16  # --max-tokens-cap
 MAX_PIXELS = 300_000
 MAX_BODY = 2_000_000
@@ -58,7 +53,7 @@ def image_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(checkpoint, image_dir, tmp_path_factory):
     """(host, port) of a server subprocess, terminated when the module's tests are done."""
-    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
+    log = tmp_path_factory.mktemp("log") / "server.log"
     args = [
         sys.executable, "-m", "mlx_smolvlm.server", "--model", str(checkpoint),
         "--host", "127.0.0.1", "--port", "0", "--allowed-image-dir", str(image_dir),
@@ -66,68 +61,8 @@ def server(checkpoint, image_dir, tmp_path_factory):
         "--max-image-pixels", str(MAX_PIXELS), "--batch-window-ms", "300",
         "--max-batch-size", "8", "--no-image-splitting",
     ]  # fmt: skip
-    env = dict(os.environ)
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-    try:
-        yield wait_for_address(proc, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        proc.stdout.close()
-        log.close()
-
-
-def wait_for_address(proc: subprocess.Popen, log) -> tuple[str, int]:
-    """Read the 'Serving ... on http://host:port' line, failing with the log if it never comes."""
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
-    try:
-        line = lines.get(timeout=TIMEOUT)
-    except queue.Empty:
-        line = ""
-    if " on http://" not in line:
-        log.seek(0)
-        pytest.fail(f"the server did not start: {line!r}\n{log.read()[-3000:]}")
-    host, port = line.strip().rsplit("//", 1)[1].rsplit(":", 1)
-    return host, int(port)
-
-
-def picture(width: int, height: int, hue: int = 90) -> Image.Image:
-    image = Image.new("RGB", (width, height), (30, hue, 160))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((width // 8, height // 6, width // 2, height // 2), fill=(240, 200, 40))
-    return image
-
-
-def data_url(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def request(address, method: str, path: str, body: bytes | None = None):
-    """(status, response) of one HTTP exchange; the response is left open to be read."""
-    conn = http.client.HTTPConnection(*address, timeout=TIMEOUT)
-    conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
-    return conn.getresponse()
-
-
-def call(address, payload: dict | bytes, path: str = "/v1/chat/completions") -> tuple[int, dict]:
-    """POST a payload and return the status and the decoded JSON body."""
-    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    response = request(address, "POST", path, body)
-    return response.status, json.loads(response.read())
-
-
-def chat(text: str, image_url: str | None = None, **params) -> dict:
-    content = [{"type": "text", "text": text}]
-    if image_url is not None:
-        content.insert(0, {"type": "image_url", "image_url": {"url": image_url}})
-    return {"model": "tiny", "messages": [{"role": "user", "content": content}], **params}
+    with serve(args, log, dict(os.environ)) as address:
+        yield address
 
 
 def answer(address, payload: dict) -> str:
@@ -216,12 +151,6 @@ def test_image_as_data_url_http_url_and_allowed_path(server, loaded, image_dir):
             assert answer(server, chat("What is this?", url, max_tokens=8)) == by_data
         finally:
             files.shutdown()
-
-
-def assert_error(status: int, body: dict, expected: int) -> None:
-    assert status == expected, body
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -16,14 +15,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from reference import save_hf_checkpoint, tiny_config_for_real_tokenizer
-from test_server import assert_error, call, chat, data_url, picture, request, wait_for_address
+from serving import assert_error, call, chat, data_url, picture, request, serve
 
 from mlx_smolvlm import load
 
 pytest.importorskip("transformers")
 pytest.importorskip("torch")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_IMAGES = 2
 MAX_PROMPT_TOKENS = 300
 MAX_IMAGE_PIXELS = 100_000
@@ -54,7 +52,7 @@ def image_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(checkpoint, image_dir, tmp_path_factory):
     """(host, port) of a server with small caps and a max_tokens cap of a billion."""
-    log = open(tmp_path_factory.mktemp("limits-log") / "server.log", "w+")
+    log = tmp_path_factory.mktemp("limits-log") / "server.log"
     args = [
         sys.executable, "-m", "mlx_smolvlm.server", "--model", str(checkpoint),
         "--port", "0", "--allowed-image-dir", str(image_dir), "--no-image-splitting",
@@ -64,18 +62,8 @@ def server(checkpoint, image_dir, tmp_path_factory):
         "--fetch-timeout", str(FETCH_TIMEOUT), "--batch-window-ms", "20",
     ]  # fmt: skip
     env = {**os.environ, "MLX_SMOLVLM_QUIET": "1"}
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-    try:
-        yield wait_for_address(proc, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        proc.stdout.close()
-        log.close()
+    with serve(args, log, env) as address:
+        yield address
 
 
 def still_answers(address) -> None:

@@ -3,6 +3,7 @@
 Needs the `docling` extra (docling-core, pypdfium2): `pip install "mlx-smolvlm[docling]"`.
 """
 
+from ..processing.pages import DEFAULT_DPI, find_files, open_source, parse_pages, render_pages
 from .doctags import check_doctags, to_docling
 from .export import FORMATS, write_document
 from .pipeline import (
@@ -17,7 +18,6 @@ from .pipeline import (
     convert_document,
     generate_doctags,
 )
-from .sources import DEFAULT_DPI, find_documents, open_source, parse_pages, render_pages
 
 __all__ = [
     "DEFAULT_DPI",
@@ -32,7 +32,7 @@ __all__ = [
     "check_doctags",
     "convert",
     "convert_document",
-    "find_documents",
+    "find_files",
     "generate_doctags",
     "open_source",
     "parse_pages",

@@ -1,13 +1,12 @@
-"""The documents package's optional dependencies (the `docling` extra), imported once here."""
+"""The documents package's optional dependency (docling-core, the `docling` extra), imported once here."""
 
 from __future__ import annotations
 
-try:  # optional dependencies: pip install "mlx-smolvlm[docling]"
-    import pypdfium2 as pdfium
+try:  # optional dependency: pip install "mlx-smolvlm[docling]"
     from docling_core.types.doc import DoclingDocument, ImageRefMode
     from docling_core.types.doc.document import DocTagsDocument
 except ImportError as error:
-    pdfium = DoclingDocument = ImageRefMode = DocTagsDocument = None
+    DoclingDocument = ImageRefMode = DocTagsDocument = None
     MISSING: str | None = error.name
 else:
     MISSING = None
@@ -16,8 +15,6 @@ INSTALL = 'pip install "mlx-smolvlm[docling]"'
 
 
 def require() -> None:
-    """Fail with the command that installs docling-core and pypdfium2 when one is missing."""
+    """Fail with the command that installs docling-core when it is missing."""
     if MISSING is not None:
-        raise ImportError(
-            f"documents need docling-core and pypdfium2 ({MISSING} is not installed): {INSTALL}"
-        )
+        raise ImportError(f"documents need docling-core ({MISSING} is not installed): {INSTALL}")

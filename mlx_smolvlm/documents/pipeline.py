@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from .. import Model, batch_generate
+from ..processing.pages import DEFAULT_DPI, open_source, parse_pages, render_pages
 from .doctags import check_doctags, to_docling
-from .sources import DEFAULT_DPI, open_source, parse_pages, render_pages
 
 if TYPE_CHECKING:
     from docling_core.types.doc import DoclingDocument

@@ -1,5 +1,6 @@
 """ColSmolVLM retrieval: page and query embeddings (ColIdefics3), MaxSim scoring, an on-disk index."""
 
+from ..processing.pages import render_pdf_page
 from .build import build_index
 from .convert import convert_retriever
 from .embedding import embed_images, embed_queries, iter_image_embeddings
@@ -8,7 +9,7 @@ from .loading import apply_peft_adapter, fuse_adapter, load_colidefics3, load_re
 from .model import ColIdefics3
 from .processing import RetrievalProcessor
 from .scoring import score, top_k
-from .sources import Page, collect_pages, render_pdf_page
+from .sources import Page, collect_pages
 
 __all__ = [
     "ColIdefics3",

@@ -8,11 +8,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ..processing.pages import DEFAULT_DPI
 from .embedding import embed_inputs
 from .index import IndexWriter
 from .model import ColIdefics3
 from .processing import RetrievalProcessor
-from .sources import DEFAULT_DPI, Page, load_page
+from .sources import Page, load_page
 
 
 def build_index(

@@ -159,6 +159,22 @@ def check_resize_shape(resize_shape: Any) -> None:
         check_int("resize_shape", value, 1)
 
 
+def check_generation_options(
+    max_tokens: Any,
+    sampling: Mapping[str, Any],
+    image_kwargs: Mapping[str, Any],
+    resize_shape: Any,
+    **texts: Any,
+) -> None:
+    """Check a generating command's options (texts given by name) before its model loads."""
+    for name, text in texts.items():
+        if text is not None:
+            check_text(name, text)
+    check_sampling(max_tokens, **sampling)
+    check_image_kwargs(image_kwargs)
+    check_resize_shape(resize_shape)
+
+
 def check_keywords(function: str, given: Iterable[str], accepted: Iterable[str]) -> None:
     """TypeError naming a keyword that `function` does not take, with the closest accepted ones."""
     accepted = sorted(accepted)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageDraw
-from tuner.test_lora import write_checkpoint
+from reference import write_checkpoint
 
 from mlx_smolvlm import generate, load
 from mlx_smolvlm.caption import main

@@ -9,7 +9,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from pages import picture
 from reference import save_hf_checkpoint, tiny_config_for_real_tokenizer
 
 from mlx_smolvlm import load
@@ -35,14 +35,6 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(checkpoint):
     return load(checkpoint[0])
-
-
-def picture(width: int = 700, height: int = 500) -> Image.Image:
-    image = Image.new("RGB", (width, height), (30, 90, 160))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((100, 80, 400, 380), fill=(240, 200, 40))
-    draw.rectangle((450, 50, 650, 450), fill=(200, 30, 60))
-    return image
 
 
 def test_greedy_tokens_match_transformers_generate(checkpoint, loaded):

@@ -631,8 +631,8 @@ def reference_runs(videos, processor_dir, tmp_path_factory):
     if not REF_PYTHON:
         pytest.skip(
             "SMOLVLM_VIDEO_REF_PYTHON is unset: it names a Python with torchvision, which does "
-            "not install beside this torch; build one as .ci/run does (the .ci-video-ref venv) "
-            "and export SMOLVLM_VIDEO_REF_PYTHON=$PWD/.ci-video-ref/bin/python"
+            "not install beside this torch; build one as .ci/run does (the .ci-ref venv) "
+            "and export SMOLVLM_VIDEO_REF_PYTHON=$PWD/.ci-ref/bin/python"
         )
     out = tmp_path_factory.mktemp("video-reference")
     cases = [

@@ -454,7 +454,7 @@ def test_cli_bad_inputs_are_one_line_errors(planted, tmp_path):
     cases = [
         (["index", str(tmp_path / "missing.pdf"), "--index", index], "missing.pdf: no such file"),
         (["index", str(tmp_path / "notes.txt"), "--index", index], "notes.txt: not a PDF or an image"),
-        (["index", str(tmp_path / "broken.pdf"), "--index", index], "broken.pdf: cannot read the PDF"),
+        (["index", str(tmp_path / "broken.pdf"), "--index", index], "broken.pdf: not a readable PDF"),
         (["index", str(tmp_path / "empty"), "--index", index], "holds no PDF or image files"),
         (["index", str(root / "white.jpg"), "--index", str(tmp_path / "occupied"), "--model", model],
          "not an index"),

@@ -12,7 +12,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
-from test_lora import COLOURS, caption_records, write_checkpoint, write_jsonl
+from reference import write_checkpoint
+from test_lora import COLOURS, caption_records, write_jsonl
 
 from mlx_smolvlm.lora import run_training
 from mlx_smolvlm.tuner import trainer
