@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from .utils import atomic
+from .utils.validation import Command
 
 # Files of a checkpoint that travel with random weights (config.json is written by transformers).
 SIDE_SUFFIXES = (".json", ".txt", ".jinja")
@@ -119,7 +120,7 @@ def save_random_checkpoint(
     return out
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("config_dir", type=click.Path(file_okay=False))
 @click.argument("out", type=click.Path())
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights.")
