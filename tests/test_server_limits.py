@@ -100,14 +100,13 @@ def post_raw(address, body: bytes) -> tuple[int, dict]:
 
 
 def test_too_many_images_are_refused_before_any_is_fetched(server):
-    image = {"type": "image_url", "image_url": {"url": "http://203.0.113.1/never-fetched.png"}}
+    # A loopback port nobody listens on: fetching first would answer "cannot download" instead.
+    image = {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/never-fetched.png"}}
     payload = chat("Compare.", max_tokens=2)
     payload["messages"][0]["content"] = [image] * (MAX_IMAGES + 1) + [{"type": "text", "text": "?"}]
-    start = time.monotonic()
     status, body = call(server, payload)
     assert_error(status, body, 400)
     assert body["error"]["code"] == "too_many_images" and "--max-images" in body["error"]["message"]
-    assert time.monotonic() - start < FETCH_TIMEOUT  # the unreachable URLs were never tried
 
 
 def test_total_pixels_of_a_request_are_capped(server):
@@ -268,13 +267,15 @@ def test_image_downloads_have_an_overall_deadline(server, path):
         host.daemon_threads = True
         threading.Thread(target=host.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{host.server_address[1]}{path}"
-        start = time.monotonic()
         status, body = call(server, chat("What?", url, max_tokens=2))
-        elapsed = time.monotonic() - start
         host.shutdown()
     assert_error(status, body, 400)
-    assert "cannot download" in body["error"]["message"].lower()
-    assert elapsed < FETCH_TIMEOUT + 10, elapsed
+    message = body["error"]["message"].lower()
+    assert "cannot download" in message
+    # The trickling host is cut off by the whole-download deadline, the silent one by a read timeout.
+    assert (
+        f"no whole image within {FETCH_TIMEOUT} s" if path == "/trickle" else "timed out"
+    ) in message
 
 
 # ---------------------------------------------------------------------------
@@ -312,9 +313,7 @@ def test_a_non_streaming_client_that_leaves_is_cancelled(server):
     conn.sendall(head.encode() + payload.encode())
     time.sleep(1.5)  # it is generating now
     conn.close()
-    start = time.monotonic()
     still_answers(server)
-    assert time.monotonic() - start < 15  # the 4,000-token answer was not waited for
     after = json.loads(request(server, "GET", "/health").read())
     assert after["cancelled"] == health["cancelled"] + 1
 
