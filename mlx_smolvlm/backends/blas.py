@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from pathlib import Path
 
 from . import threads
 
@@ -27,6 +28,12 @@ CANDIDATES = (
     "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
     "/usr/lib64/libopenblas.so.0",
     "libopenblasp.so.0",
+)
+
+# OpenBLAS kernel families, the best first, with the CPU flags each needs (x86_64 only).
+CORE_TYPES = (
+    ("SkylakeX", {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}),
+    ("Haswell", {"avx2", "fma"}),
 )
 
 loaded: str | None = None
@@ -41,10 +48,30 @@ def _candidates(choice: str | None) -> list[str]:
     return ([found] if found else []) + list(CANDIDATES)
 
 
+def core_type(cpuinfo: str | None = None) -> str | None:
+    """The OpenBLAS kernel family this x86_64 CPU's flags allow (`CORE_TYPES`), or None.
+
+    OpenBLAS picks its kernels from the CPU model number, and a model it does not know (the
+    generic "Intel Xeon Processor" a hypervisor shows, a CPU newer than the library) gets its
+    slowest x86_64 kernels: Debian's 0.3.21 ran an fp32 GEMM at 61 GFLOP/s on a virtual
+    Sapphire Rapids machine, 241 with its AVX-512 kernels (torch's MKL: 269). The flags say
+    what the CPU can run whatever its model, so the family is chosen from them.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                  if line.startswith("flags")), [])  # fmt: skip
+    return next((name for name, needs in CORE_TYPES if needs <= set(flags)), None)
+
+
 def _load_with_sleeping_threads(name: str) -> None:
     """Load `name` globally, with as many threads as this process has cores (affinity and
-    cgroup quota: OpenBLAS itself counts the machine's), its idle threads set to sleep at once
-    instead of spinning.
+    cgroup quota: OpenBLAS itself counts the machine's), the kernels the CPU's flags allow
+    (`core_type`; an OPENBLAS_CORETYPE of the user's wins), its idle threads set to sleep at
+    once instead of spinning.
 
     OpenBLAS's idle threads spin for about 2^28 cycles after each call: between MLX's matrix
     products that takes a core from the numpy host kernels (the vision tower runs ~10%
@@ -57,6 +84,9 @@ def _load_with_sleeping_threads(name: str) -> None:
         "OPENBLAS_THREAD_TIMEOUT": "4",  # 2^4 cycles, the least OpenBLAS allows
         "OPENBLAS_NUM_THREADS": str(threads.available_cores()),
     }
+    family = core_type()
+    if family:
+        settings["OPENBLAS_CORETYPE"] = family
     previous = {key: os.environ.get(key) for key in settings}
     for key, value in settings.items():
         if previous[key] is None:
@@ -114,8 +144,20 @@ def set_threads(count: int) -> None:
         setter(ctypes.c_int(count))
 
 
+def corename() -> str:
+    """The kernel family the loaded OpenBLAS runs ("unknown" for another BLAS)."""
+    getter = getattr(_library, "openblas_get_corename", None)
+    if getter is None:
+        return "unknown"
+    getter.restype = ctypes.c_char_p
+    return getter().decode(errors="replace")
+
+
 def status() -> str:
     """One line saying which BLAS MLX's CPU backend multiplies matrices with."""
     if loaded:
-        return f"MLX CPU backend: {loaded} for matrix products (MLX_SMOLVLM_BLAS=0 to turn off)"
+        return (
+            f"MLX CPU backend: {loaded} ({corename()} kernels) for matrix products "
+            "(MLX_SMOLVLM_BLAS=0 to turn off)"
+        )
     return f"MLX CPU backend: reference BLAS ({reason})"

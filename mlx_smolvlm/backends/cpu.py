@@ -1,12 +1,13 @@
-"""The seam between the pure-MLX model and the CPU backend's host kernels and host decoder.
+"""The seam between the pure-MLX model and the CPU backend's host kernels, host vision tower
+and host decoder.
 
 `prepare(model)` is called by the generation entry points (`stream_generate`,
 `batch_stream_generate`) once per call, before any work. On MLX's CPU backend it decides how
 many threads host work and MLX's BLAS use (`threads.decide`: the available cores, fewer when
-other programs keep them busy), and for a float32 model it swaps the model's attention, MLP,
-layer-norm and decoder modules for subclasses that run their non-differentiable parts with
-numpy (the way LoRA swaps linear layers; the numpy decoder only where every decoder layer is a
-plain float32 one: not quantized, not adapted); elsewhere (Metal, bf16/fp16 weights,
+other programs keep them busy), and for a float32 model it swaps the vision tower, the decoder's
+attention and MLP, and the decoder itself for subclasses that run their non-differentiable
+parts with numpy (the way LoRA swaps linear layers; the numpy vision tower and decoder only
+where every layer is a plain float32 one: not quantized, not adapted); elsewhere (Metal, bf16/fp16 weights,
 MLX_SMOLVLM_HOST_KERNELS=0) it swaps any such subclass back, and the pure-MLX modules of
 `mlx_smolvlm.model` run. The swapped modules
 share the originals' parameters (same names, same arrays), so weights, adapters and saved
@@ -26,34 +27,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ..model import language, vision
 from . import blas, threads
 from .decoder import HostKVCache, decode_step, supported
-from .kernels import host_attention, host_gelu_tanh, host_layer_norm, host_swiglu
-
-
-class HostVisionAttention(vision.Attention):
-    """Vision attention whose softmax runs on the host."""
-
-    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.array:
-        if self.training:
-            return super().attend(q, k, v, mask)
-        return host_attention(q, k, v, self.scale, mask)
-
-
-class HostVisionMLP(vision.MLP):
-    """Vision MLP whose GELU runs on the host."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if self.training:
-            return super().__call__(x)
-        return self.fc2(host_gelu_tanh(self.fc1(x)))
-
-
-class HostLayerNorm(nn.LayerNorm):
-    """The vision tower's layer norms, on the host."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if self.training:
-            return super().__call__(x)
-        return host_layer_norm(x, self)
+from .kernels import host_attention, host_swiglu
+from .vision import HostVisionModel
+from .vision import supported as vision_supported
 
 
 class HostAttention(language.Attention):
@@ -98,14 +74,12 @@ class HostLanguageModel(language.LanguageModel):
 
 # Pure-MLX class -> its host subclass. The pure-MLX module is the fallback beside each one.
 HOST = {
-    vision.Attention: HostVisionAttention,
-    vision.MLP: HostVisionMLP,
+    vision.VisionModel: HostVisionModel,
     language.Attention: HostAttention,
     language.MLP: HostMLP,
     language.LanguageModel: HostLanguageModel,
 }
 BASE = {host: base for base, host in HOST.items()}
-BASE[HostLayerNorm] = nn.LayerNorm
 
 
 def host_kernels_apply(model: nn.Module) -> bool:
@@ -132,10 +106,10 @@ def _target(path: str, module: nn.Module, enabled: bool) -> type:
     base = BASE.get(type(module), type(module))
     if not enabled:
         return base
-    if base is nn.LayerNorm:  # the vision tower's: the decoder has RMS norms
-        return HostLayerNorm if path.startswith("vision_model.") else base
     if base is language.LanguageModel and not supported(module):
         return base  # quantized or adapted: MLX's decoder
+    if base is vision.VisionModel and not vision_supported(module):
+        return base  # quantized or adapted: MLX's tower
     return HOST.get(base, base)
 
 
@@ -166,6 +140,10 @@ def report(model: nn.Module) -> str:
     kinds = {type(m) for _, m in model.named_modules()}
     if mx.default_device() != mx.cpu:
         return f"MLX device: {mx.default_device()} (no host kernels)"
-    kernels = "on" if HostVisionAttention in kinds else "off (not float32, or turned off)"
+    kernels = "on" if HostAttention in kinds else "off (not float32, or turned off)"
+    tower = "on" if HostVisionModel in kinds else "off (quantized, adapted or not float32)"
     decoder = "on" if HostLanguageModel in kinds else "off (quantized, adapted or not float32)"
-    return f"{blas.status()}\nHost kernels: {kernels}; host decoder: {decoder}\n{threads.status()}"
+    return (
+        f"{blas.status()}\nHost kernels: {kernels}; host vision tower: {tower}; "
+        f"host decoder: {decoder}\n{threads.status()}"
+    )

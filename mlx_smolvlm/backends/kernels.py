@@ -18,7 +18,6 @@ from functools import cache
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from ..model.vision import GELU_C
@@ -63,7 +62,7 @@ def _task_size(count: int, unit: int = 1) -> int:
     return max(1, math.ceil(count / tasks))
 
 
-def _run(task, count: int) -> None:
+def run_tasks(task, count: int) -> None:
     """Run task(0..count-1) on `_threads()` threads, this one included (numpy releases the
     GIL). BLAS runs on one thread per caller meanwhile, so the threads here are the only
     parallelism (no BLAS threads nested in pool threads)."""
@@ -118,46 +117,72 @@ def host_attention(
     multiple of kv_heads (grouped queries); the result is (batch, heads, queries, v_dims).
     """
     qn, kn, vn = host_view(q), host_view(k), host_view(v)
-    batch, heads, queries, _ = qn.shape
-    kv_heads, keys = kn.shape[1], kn.shape[2]
+    out = np.empty((qn.shape[0], qn.shape[2], qn.shape[1], vn.shape[-1]), dtype=np.float32)
+    attention_into(out, qn, kn, vn, scale, mask)
+    return mx.array(out).transpose(0, 2, 1, 3)
+
+
+def attention_into(
+    out: np.ndarray,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    scale: float,
+    mask: Any = None,
+    biases: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> None:
+    """Softmax attention of numpy (batch, heads, queries, dims) q over (batch, kv_heads, keys,
+    dims) k and v (views of any strides), written into `out` (batch, queries, heads, v_dims),
+    across threads. `biases`, (heads, dims) arrays for q, k and v, are added on the way (the
+    projections' biases, folded into the copies the blocks make anyway)."""
+    batch, heads, queries, _ = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
     group = heads // kv_heads
     causal = isinstance(mask, str) and mask == "causal"
     bias = _additive_mask(mask, queries, keys)
-    out = np.empty((batch, queries, heads, vn.shape[-1]), dtype=np.float32)
+
+    def head(x: np.ndarray, b: int, g: int, which: int) -> np.ndarray:
+        """Head g of sequence b of k (which=1) or v (2), its bias added (a copy) if it has one."""
+        return x[b, g] + biases[which][g] if biases else x[b, g]
+
     blocks = math.ceil(queries / QUERY_BLOCK)
-    # With heads enough to share among the threads a task takes a whole head and transposes
-    # its keys once (BLAS multiplies by contiguous keys ~15% faster); else a task is one block.
+    # With heads enough to share among the threads a task takes a whole head and copies its
+    # keys (transposed) and values once (BLAS multiplies contiguous operands ~15% faster);
+    # else a task is one block.
     per_head = batch * kv_heads >= 2 * _threads()
 
-    def attend(b: int, g: int, block: int, keys_t: np.ndarray) -> None:
+    def attend(b: int, g: int, block: int, keys_t: np.ndarray, values: np.ndarray) -> None:
         rows = slice(block * QUERY_BLOCK, min((block + 1) * QUERY_BLOCK, queries))
         # A causal block sees no key past its last query's position: those are not computed.
         visible = keys - queries + rows.stop if causal else keys
         head_range = slice(g * group, (g + 1) * group)
-        scores = (qn[b, head_range, rows] * scale) @ keys_t[:, :visible]
+        block_q = q[b, head_range, rows]
+        if biases:
+            block_q = block_q + biases[0][head_range, None]
+        scores = (block_q * np.float32(scale)) @ keys_t[:, :visible]
         if bias is not None:
             bias_rows = rows if bias.shape[1] > 1 else slice(None)
             scores += bias[b if len(bias) > 1 else 0, bias_rows, :visible]
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         # Normalizing the (rows, dims) output costs less than normalizing (rows, keys) scores.
-        block_out = scores @ vn[b, g, :visible]
+        block_out = scores @ values[:visible]
         block_out /= scores.sum(axis=-1, keepdims=True)
         out[b, rows, head_range] = block_out.transpose(1, 0, 2)
 
     def task(i: int) -> None:
         if per_head:
             b, g = divmod(i, kv_heads)
-            keys_t = np.ascontiguousarray(kn[b, g].T)
+            keys_t = np.ascontiguousarray(head(k, b, g, 1).T)
+            values = np.ascontiguousarray(head(v, b, g, 2))
             for block in range(blocks):
-                attend(b, g, block, keys_t)
+                attend(b, g, block, keys_t, values)
         else:
             b, rest = divmod(i, kv_heads * blocks)
             g, block = divmod(rest, blocks)
-            attend(b, g, block, kn[b, g].T)
+            attend(b, g, block, head(k, b, g, 1).T, head(v, b, g, 2))
 
-    _run(task, batch * kv_heads * (1 if per_head else blocks))
-    return mx.array(out).transpose(0, 2, 1, 3)
+    run_tasks(task, batch * kv_heads * (1 if per_head else blocks))
 
 
 def _elementwise(kernel, x: mx.array, *others: mx.array) -> mx.array:
@@ -173,11 +198,12 @@ def _elementwise(kernel, x: mx.array, *others: mx.array) -> mx.array:
         part = slice(i * block, (i + 1) * block)
         kernel(flat_out[part], flat[part], *(o[part] for o in flat_others))
 
-    _run(task, math.ceil(flat.size / block))
+    run_tasks(task, math.ceil(flat.size / block))
     return mx.array(out)
 
 
-def _gelu_block(out: np.ndarray, x: np.ndarray) -> None:
+def gelu_tanh_into(out: np.ndarray, x: np.ndarray) -> None:
+    """GELU (tanh approximation) of the numpy block `x` into `out` (another buffer)."""
     np.multiply(x, x, out=out)
     out *= 0.044715 * GELU_C
     out += GELU_C
@@ -186,6 +212,17 @@ def _gelu_block(out: np.ndarray, x: np.ndarray) -> None:
     out += 1.0
     out *= 0.5
     out *= x
+
+
+def layer_norm_into(
+    out: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float
+) -> None:
+    """Layer norm of the numpy rows `x` over their last axis into `out` (another buffer)."""
+    np.subtract(x, x.mean(axis=-1, keepdims=True), out=out)
+    variance = np.mean(out * out, axis=-1, keepdims=True)
+    out *= 1.0 / np.sqrt(variance + np.float32(eps))
+    out *= weight
+    out += bias
 
 
 def _swiglu_block(out: np.ndarray, gate: np.ndarray, up: np.ndarray) -> None:
@@ -200,29 +237,3 @@ def _swiglu_block(out: np.ndarray, gate: np.ndarray, up: np.ndarray) -> None:
 def host_swiglu(gate: mx.array, up: mx.array) -> mx.array:
     """silu(gate) * up with numpy across threads."""
     return _elementwise(_swiglu_block, gate, up)
-
-
-def host_gelu_tanh(x: mx.array) -> mx.array:
-    """GELU (tanh approximation) with numpy across threads."""
-    return _elementwise(_gelu_block, x)
-
-
-def host_layer_norm(x: mx.array, norm: nn.LayerNorm) -> mx.array:
-    """`norm(x)` over the last axis with numpy across threads, in row blocks that stay in cache."""
-    data = host_view(x)
-    rows = data.reshape(-1, data.shape[-1])
-    weight, bias = host_view(norm.weight), host_view(norm.bias)
-    out = np.empty(rows.shape, dtype=np.float32)
-    block = _task_size(*rows.shape)
-
-    def task(i: int) -> None:
-        part = rows[i * block : (i + 1) * block]
-        centred = out[i * block : (i + 1) * block]
-        np.subtract(part, part.mean(axis=-1, keepdims=True), out=centred)
-        variance = np.mean(centred * centred, axis=-1, keepdims=True)
-        centred *= 1.0 / np.sqrt(variance + np.float32(norm.eps))
-        centred *= weight
-        centred += bias
-
-    _run(task, math.ceil(len(rows) / block))
-    return mx.array(out.reshape(data.shape))

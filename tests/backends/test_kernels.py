@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 
 from mlx_smolvlm.backends import cpu, kernels
+from mlx_smolvlm.backends import vision as vision_backend
 from mlx_smolvlm.backends.decoder import HostKVCache, decode_step
 from mlx_smolvlm.backends.kernels import (
+    gelu_tanh_into,
     host_attention,
-    host_gelu_tanh,
-    host_layer_norm,
     host_swiglu,
+    layer_norm_into,
 )
 from mlx_smolvlm.model.vision import gelu_tanh
 
@@ -101,10 +102,14 @@ def test_gelu_matches_mlx_and_never_writes_its_input():
     expected = nn.gelu_approx(x)
     mx.eval(expected)
     before = np.array(x)
-    assert mx.allclose(host_gelu_tanh(x), expected, atol=1e-5).item()
+    host = kernels.host_view(x)
+    out = np.empty(host.shape, np.float32)
+    gelu_tanh_into(out, host)
+    assert np.allclose(out, np.array(expected), atol=1e-5)
     assert mx.allclose(gelu_tanh(x), expected, atol=1e-5).item()
-    view = x.transpose(2, 1, 0)  # not contiguous
-    assert mx.allclose(host_gelu_tanh(view), expected.transpose(2, 1, 0), atol=1e-5).item()
+    view = host.transpose(2, 1, 0)  # not contiguous
+    gelu_tanh_into(out.reshape(view.shape), view)
+    assert np.allclose(out.reshape(view.shape), np.array(expected).transpose(2, 1, 0), atol=1e-5)
     assert np.array_equal(np.array(x), before)
 
 
@@ -137,11 +142,11 @@ def test_prepare_swaps_host_modules_in_and_out(monkeypatch):
     model = tiny_model()
     names = sorted(k for k, _ in nn.utils.tree_flatten(model.parameters()))
     assert cpu.prepare(model) is model
-    assert {cpu.HostVisionAttention, cpu.HostLayerNorm, cpu.HostLanguageModel} <= kinds(model)
+    assert {cpu.HostVisionModel, cpu.HostLanguageModel} <= kinds(model)
     assert cpu.HostAttention in kinds(model) and cpu.HostMLP in kinds(model)
     # Same parameters under the same names: weights, adapters and checkpoints are unaffected.
     assert sorted(k for k, _ in nn.utils.tree_flatten(model.parameters())) == names
-    assert "Host kernels: on; host decoder: on" in cpu.report(model)
+    assert "Host kernels: on; host vision tower: on; host decoder: on" in cpu.report(model)
     cpu.prepare(model)  # idempotent
     assert cpu.HostLanguageModel in kinds(model)
 
@@ -152,6 +157,10 @@ def test_prepare_swaps_host_modules_in_and_out(monkeypatch):
     nn.quantize(model.language_model, group_size=32, bits=8)
     cpu.prepare(model)  # host kernels stay, the decoder is MLX's for quantized weights
     assert cpu.HostAttention in kinds(model) and cpu.HostLanguageModel not in kinds(model)
+    assert cpu.HostVisionModel in kinds(model)
+    nn.quantize(model.vision_model, group_size=32, bits=8)
+    cpu.prepare(model)  # and so is the tower for a quantized one
+    assert cpu.HostVisionModel not in kinds(model)
     monkeypatch.setenv("MLX_SMOLVLM_HOST_KERNELS", "0")
     cpu.prepare(model)
     assert not any(k.__name__.startswith("Host") for k in kinds(model))
@@ -160,13 +169,52 @@ def test_prepare_swaps_host_modules_in_and_out(monkeypatch):
 @pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the host modules are the CPU's")
 def test_prepared_modules_in_training_mode_run_mlx():
     model = cpu.prepare(tiny_model())
-    x = mx.random.normal((2, 10, model.config.vision_config.hidden_size))
-    layer = model.vision_model.encoder.layers[0]
-    assert type(layer.self_attn) is cpu.HostVisionAttention
+    x = mx.random.normal((2, 10, model.config.text_config.hidden_size))
+    layer = model.language_model.layers[0]
+    assert type(layer.self_attn) is cpu.HostAttention
     # The host kernels are not differentiable: in training mode the MLX code gives gradients.
     layer.train()
-    grad = mx.grad(lambda y: layer(y).sum())(x)
+    grad = mx.grad(lambda y: layer(y, mask="causal").sum())(x)
     assert grad.shape == x.shape and bool(mx.isfinite(grad).all())
+    tower = model.vision_model
+    assert type(tower) is cpu.HostVisionModel
+    tower.train()
+    pixels, ids = vision_inputs(model, 2)
+    grad = mx.grad(lambda p: tower(p, ids).sum())(pixels)
+    assert grad.shape == pixels.shape and bool(mx.isfinite(grad).all())
+
+
+def vision_inputs(model, tiles: int, padded: bool = False):
+    """Random pixels, position ids and (with `padded`) a key mask that hides part of a tile."""
+    from mlx_smolvlm.model.vision import patch_inputs
+
+    config = model.config.vision_config
+    side = config.image_size // config.patch_size
+    patch_mask = np.ones((tiles, side, side), dtype=bool)
+    if padded:
+        patch_mask[-1, side // 2 :] = False
+        patch_mask[-1, :, side // 3 :] = False
+    ids, mask = patch_inputs(patch_mask, config.patches_per_side)
+    mx.random.seed(6)
+    pixels = mx.random.normal((tiles, config.image_size, config.image_size, 3))
+    return (pixels, ids) if mask is None else (pixels, ids, mask)
+
+
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the host modules are the CPU's")
+@pytest.mark.parametrize("padded", [False, True])
+def test_host_vision_tower_matches_mlx_and_leaves_weights_alone(monkeypatch, padded):
+    model = tiny_model()
+    monkeypatch.setattr(vision_backend, "ROWS", 7)  # several row blocks, a ragged last one
+    inputs = vision_inputs(model, 3, padded)
+    expected = model.vision_model(*inputs)
+    weights = {k: np.array(v) for k, v in nn.utils.tree_flatten(model.parameters())}
+    cpu.prepare(model)
+    assert type(model.vision_model) is cpu.HostVisionModel
+    got = model.vision_model(*inputs)
+    assert got.shape == expected.shape and got.dtype == mx.float32
+    assert mx.allclose(got, expected, atol=1e-4).item()
+    for name, value in nn.utils.tree_flatten(model.parameters()):
+        assert np.array_equal(np.array(value), weights[name]), name
 
 
 # --- the numpy decode step -------------------------------------------------------------------
@@ -285,7 +333,10 @@ def test_layer_norm_matches_mlx():
     norm = nn.LayerNorm(96, eps=1e-6)
     norm.update({"weight": mx.random.normal((96,)), "bias": mx.random.normal((96,))})
     x = mx.random.normal((3, 5000, 96)) * 3 + 1
-    assert mx.allclose(host_layer_norm(x, norm), norm(x), atol=1e-5).item()
+    out = np.empty(x.shape, np.float32)
+    weight, bias = kernels.host_view(norm.weight), kernels.host_view(norm.bias)
+    layer_norm_into(out, kernels.host_view(x), weight, bias, norm.eps)
+    assert np.allclose(out, np.array(norm(x)), atol=1e-5)
 
 
 def test_swiglu_matches_mlx():
@@ -294,3 +345,39 @@ def test_swiglu_matches_mlx():
     expected = nn.silu(gate) * up
     mx.eval(expected)
     assert mx.allclose(host_swiglu(gate, up), expected, atol=1e-5).item()
+
+
+def cpuinfo(flags: str) -> str:
+    return f"processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 {flags}\n\n"
+
+
+def test_openblas_kernels_follow_the_cpu_flags_not_its_model():
+    from mlx_smolvlm.backends import blas
+
+    avx512 = "avx avx2 fma avx512f avx512bw avx512vl avx512dq avx512cd"
+    assert blas.core_type(cpuinfo(avx512)) == "SkylakeX"
+    assert blas.core_type(cpuinfo("avx avx2 fma avx512f")) == "Haswell"  # AVX-512 in part
+    assert blas.core_type(cpuinfo("avx avx2 fma")) == "Haswell"
+    assert blas.core_type(cpuinfo("avx")) is None  # OpenBLAS's own choice
+    assert blas.core_type("") is None  # not x86 (no flags line)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MLX uses Accelerate on macOS")
+def test_loaded_openblas_runs_the_kernels_the_flags_allow():
+    if not ctypes.util.find_library("openblas"):
+        pytest.skip("no OpenBLAS installed")
+    code = (
+        "import mlx_smolvlm; from mlx_smolvlm.backends import blas; "
+        "print(blas.core_type()); print(blas.corename()); print(blas.status())"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLX_SMOLVLM", "OPENBLAS"))}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    chosen, name, status = run.stdout.splitlines()
+    if chosen != "None":
+        assert name.lower() == chosen.lower()
+    assert f"({name} kernels)" in status
+    # A user's OPENBLAS_CORETYPE wins.
+    env["OPENBLAS_CORETYPE"] = "Prescott"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.stdout.splitlines()[1].lower() == "prescott"

@@ -15,7 +15,7 @@ import mlx.nn as nn
 import pytest
 
 from mlx_smolvlm.backends import kernels, threads
-from mlx_smolvlm.backends.kernels import host_attention, host_gelu_tanh
+from mlx_smolvlm.backends.kernels import host_attention, host_swiglu
 
 
 @pytest.fixture(autouse=True)
@@ -95,11 +95,11 @@ def test_one_thread_runs_in_the_caller_and_more_use_the_pool(monkeypatch):
             seen.add(threading.current_thread().name)
 
     monkeypatch.setattr(threads, "threads", 1)
-    kernels._run(task, 8)
+    kernels.run_tasks(task, 8)
     assert seen == {threading.current_thread().name}
     seen.clear()
     monkeypatch.setattr(threads, "threads", 2)
-    kernels._run(task, 8)
+    kernels.run_tasks(task, 8)
     assert len(seen) == 2 and threading.current_thread().name in seen
 
 
@@ -110,7 +110,7 @@ def test_a_failing_task_is_raised():
 
     threads.threads = 2
     with pytest.raises(RuntimeError, match="task 5 failed"):
-        kernels._run(task, 8)
+        kernels.run_tasks(task, 8)
 
 
 def test_kernels_give_the_same_numbers_on_one_thread_or_several(monkeypatch):
@@ -120,10 +120,32 @@ def test_kernels_give_the_same_numbers_on_one_thread_or_several(monkeypatch):
     results = []
     for count in (1, 2, 3):
         monkeypatch.setattr(threads, "threads", count)
-        results.append((host_attention(q, k, v, 0.25, "causal"), host_gelu_tanh(x)))
-    for attention, gelu in results[1:]:
+        results.append((host_attention(q, k, v, 0.25, "causal"), host_swiglu(x, x)))
+    for attention, swiglu in results[1:]:
         assert mx.array_equal(attention, results[0][0]).item()
-        assert mx.array_equal(gelu, results[0][1]).item()
+        assert mx.array_equal(swiglu, results[0][1]).item()
+
+
+def test_host_vision_tower_gives_the_same_numbers_on_any_thread_count(monkeypatch):
+    from reference import tiny_config
+
+    from mlx_smolvlm.backends import cpu
+    from mlx_smolvlm.backends import vision as host_vision
+    from mlx_smolvlm.model import Model, ModelConfig
+
+    model = cpu.prepare(Model(ModelConfig.from_dict(tiny_config())).eval())
+    config = model.config.vision_config
+    mx.random.seed(1)
+    pixels = mx.random.normal((3, config.image_size, config.image_size, 3))
+    ids = mx.broadcast_to(
+        mx.arange(config.patches_per_side**2)[None], (3, config.patches_per_side**2)
+    )
+    monkeypatch.setattr(host_vision, "ROWS", 10)
+    results = []
+    for count in (1, 2, 3):
+        monkeypatch.setattr(threads, "threads", count)
+        results.append(model.vision_model(pixels, ids))
+    assert all(mx.array_equal(r, results[0]).item() for r in results[1:])
 
 
 def test_prepare_decides_and_sets_mlx_blas_threads(monkeypatch):
