@@ -23,10 +23,12 @@ from pathlib import Path
 
 SAMPLES = 5  # readings of the runnable count, SAMPLE_INTERVAL apart (their median is used)
 SAMPLE_INTERVAL = 0.002
+FRESH = 1.0  # seconds a reading of the busy cores is reused (calls in a burst sample once)
 CGROUP = Path("/sys/fs/cgroup")
 
 threads = 0  # the current decision (0: not decided yet); read through `current()`
 reason = "not decided yet"
+_last_reading: tuple[float, float] | None = None  # (time.monotonic(), busy cores)
 
 
 def _cgroup_quota() -> float | None:
@@ -74,7 +76,12 @@ def _runnable_elsewhere() -> int | None:
 
 def busy_cores() -> float:
     """Of the available cores, how many other programs keep busy now: the median of a few
-    readings of their runnable threads, scaled to our share of the machine's cores."""
+    readings of their runnable threads, scaled to our share of the machine's cores. Sampling
+    takes ~10 ms, so a reading less than FRESH seconds old is reused (a server's requests)."""
+    global _last_reading
+    now = time.monotonic()
+    if _last_reading and now - _last_reading[0] < FRESH:
+        return _last_reading[1]
     readings = []
     for i in range(SAMPLES):
         if i:
@@ -84,7 +91,9 @@ def busy_cores() -> float:
             return 0.0
         readings.append(reading)
     online = os.cpu_count() or 1
-    return statistics.median(readings) * available_cores() / online
+    busy = statistics.median(readings) * available_cores() / online
+    _last_reading = (now, busy)
+    return busy
 
 
 def decide() -> int:

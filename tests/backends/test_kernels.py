@@ -249,6 +249,20 @@ def decode(model, cache, steps: int) -> list[np.ndarray]:
     return outs
 
 
+def test_host_decode_reads_weights_updated_since_the_last_generation():
+    host = cpu.prepare(tiny_decoder(tie=True))
+    before = decode(host, host.make_cache(), 3)
+    # New weights (as a user's update or load_weights gives): the next generation reads them.
+    host.update(nn.utils.tree_map(lambda w: w * 1.5, host.parameters()))
+    host.eval()
+    got = decode(host, host.make_cache(), 3)
+    reference = cpu._as(host, cpu.BASE[type(host)])
+    want = decode(reference, reference.make_cache(), 3)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    assert not np.allclose(got[0], before[0], atol=1e-3)
+
+
 @pytest.mark.parametrize("tie, bias", [(False, False), (True, True)])
 def test_host_decode_matches_mlx_across_cache_growth(tie, bias, monkeypatch):
     # 250 + 20 tokens crosses the 256-position growth step of the KV caches.

@@ -58,6 +58,22 @@ def test_busy_cores_leave_fewer_threads(monkeypatch, busy, expected):
     assert f"Host threads: {expected} (4 cores available" in threads.status()
 
 
+def test_a_fresh_reading_is_reused_and_a_stale_one_taken_again(monkeypatch):
+    readings = []
+    monkeypatch.setattr(threads, "_runnable_elsewhere", lambda: readings.append(1) or 2)
+    monkeypatch.setattr(threads, "_last_reading", None)
+    clock = [100.0]
+    monkeypatch.setattr(threads.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(threads.time, "sleep", lambda s: None)
+    first = threads.busy_cores()
+    assert len(readings) == threads.SAMPLES
+    clock[0] += threads.FRESH / 2
+    assert threads.busy_cores() == first and len(readings) == threads.SAMPLES  # reused
+    clock[0] += threads.FRESH
+    threads.busy_cores()
+    assert len(readings) == 2 * threads.SAMPLES  # sampled again
+
+
 def test_environment_forces_the_count_and_names_a_bad_one(monkeypatch):
     monkeypatch.setenv("MLX_SMOLVLM_THREADS", "3")
     assert threads.decide() == 3
