@@ -26,10 +26,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_generate import (  # noqa: E402
-    OPENBLAS,
     add_worker_arguments,
     checkpoint_for,
     mlx_vlm_checkpoint,
+    preload_openblas,
 )
 
 PROMPT = "Convert this page to docling."
@@ -105,7 +105,7 @@ def make_pdf(path: Path, pages: int) -> Path:
 def run_worker(name: str, python: str, checkpoint: Path, batch_size: str, args) -> dict:
     env = {**os.environ, "MLX_SMOLVLM_QUIET": "1"}
     if name == "mlx-vlm" and sys.platform == "linux":
-        env["LD_PRELOAD"] = OPENBLAS  # the same optimized BLAS mlx-smolvlm loads itself
+        preload_openblas(env)  # the same optimized BLAS mlx-smolvlm loads itself
     cmd = [python, __file__, "--worker", name, "--checkpoint", str(checkpoint), "--pdf",
            str(args.pdf), "--max-tokens", str(args.max_tokens), "--batch-size", batch_size]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -256,10 +256,23 @@ def worker_env(name: str, python: str) -> dict:
     env = dict(os.environ)
     blas = ctypes.util.find_library("openblas")
     if name == "mlx-vlm" and sys.platform == "linux" and blas and mlx_on_cpu(python):
-        env["LD_PRELOAD"] = OPENBLAS
+        preload_openblas(env)
     if name == PURE_MLX:
         env["MLX_SMOLVLM_HOST_KERNELS"] = "0"
     return env
+
+
+def preload_openblas(env: dict) -> None:
+    """Give a peer's MLX (mlx-vlm) the OpenBLAS mlx-smolvlm loads itself, with the same kernels
+    (`blas.core_type`: the ones the CPU's flags allow, where OpenBLAS may not know its model)."""
+    # Here, not at the top: this file is also the worker run by mlx-vlm's own interpreter,
+    # which has no mlx_smolvlm (and importing it loads a BLAS).
+    from mlx_smolvlm.backends.blas import core_type
+
+    env["LD_PRELOAD"] = OPENBLAS
+    family = core_type()
+    if family and "OPENBLAS_CORETYPE" not in env:
+        env["OPENBLAS_CORETYPE"] = family
 
 
 def start_background(count: int, seconds: float) -> list[subprocess.Popen]:
