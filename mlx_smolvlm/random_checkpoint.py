@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from .utils import atomic
-from .utils.validation import Command
+from .utils.validation import Command, read_json
 
 # Files of a checkpoint that travel with random weights (config.json is written by transformers).
 SIDE_SUFFIXES = (".json", ".txt", ".jinja")
@@ -98,10 +98,7 @@ def save_random_checkpoint(
         raise FileNotFoundError(f"{file} not found: CONFIG_DIR must hold a model's config.json")
     if not (config_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{config_dir / 'tokenizer.json'} not found: no tokenizer to copy")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: invalid JSON ({e})") from e
+    config = read_json(file)
     if config.get("model_type") not in ("idefics3", "smolvlm"):
         raise ValueError(f"{file}: model_type {config.get('model_type')!r} is not idefics3/smolvlm")
     if layers is not None and layers < 1:
