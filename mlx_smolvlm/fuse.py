@@ -26,7 +26,7 @@ from .loading import (
 from .model import load_config
 from .tuner.adapters import AdapterError, apply_adapters, fuse_lora
 from .utils import atomic
-from .utils.options import dtype_option
+from .utils.options import dtype_option, model_option
 from .utils.validation import Command, read_json
 
 
@@ -96,10 +96,9 @@ def write_image_settings(file: Path, settings: dict) -> None:
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--model",
-    default=None,
+@model_option(
     help="The base model [default: the one recorded in the adapters' adapter_config.json].",
+    default=None,
 )
 @click.option(
     "--adapter-path",

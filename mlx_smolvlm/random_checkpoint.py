@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from .utils import atomic
+from .utils.options import dtype_option
 from .utils.validation import Command, read_json
 
 # Files of a checkpoint that travel with random weights (config.json is written by transformers).
@@ -128,13 +129,7 @@ def save_random_checkpoint(
     help="Blocks in the decoder and the vision tower (default: the config's).",
 )
 @click.option("--tiny", is_flag=True, help="Tiny widths (64) and 2 layers: seconds, not minutes.")
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
-    default="float32",
-    show_default=True,
-    help="dtype of the saved weights.",
-)
+@dtype_option(help="dtype of the saved weights.", default="float32")
 @click.option("--force", is_flag=True, help="Replace an existing OUT.")
 def main(config_dir, out, seed, layers, tiny, dtype, force) -> None:
     """Write a random-weight checkpoint of CONFIG_DIR's model (config and tokenizer) to OUT."""
