@@ -22,7 +22,8 @@ from .documents.pipeline import (
     MODELS,
     convert,
 )
-from .processing.pages import DEFAULT_DPI, Source, find_files, open_source, parse_pages
+from .processing.pages import Source, find_files, open_source, parse_pages
+from .utils.options import dpi_option, model_option
 from .utils.validation import Command, debug
 
 USER_ERRORS = (FileNotFoundError, ValueError, OSError, ImportError)
@@ -77,11 +78,9 @@ def plan(
     show_default=True,
     help=f"Comma-separated output formats: {', '.join(FORMATS)}.",
 )
-@click.option(
-    "--model",
-    default=DEFAULT_MODEL,
-    show_default=True,
+@model_option(
     help="Hub id or local path; 'smoldocling' and 'granite-docling' name the two models.",
+    default=DEFAULT_MODEL,
 )
 @click.option(
     "--max-tokens",
@@ -93,13 +92,7 @@ def plan(
 @click.option(
     "--pages", default=None, help="Pages of each PDF, e.g. 1-3,7 or 5- [all]; images are one page."
 )
-@click.option(
-    "--dpi",
-    type=click.FloatRange(min=0, min_open=True, max=600),
-    default=DEFAULT_DPI,
-    show_default=True,
-    help="Resolution PDF pages are rendered at (docling's for these models).",
-)
+@dpi_option(help="Resolution PDF pages are rendered at (docling's for these models).")
 @click.option(
     "--prompt",
     default=DEFAULT_PROMPT,

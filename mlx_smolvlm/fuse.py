@@ -8,7 +8,6 @@ approximation of base + adapters) unless `--dequantize` writes float weights ins
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -27,8 +26,8 @@ from .loading import (
 from .model import load_config
 from .tuner.adapters import AdapterError, apply_adapters, fuse_lora
 from .utils import atomic
-from .utils.options import dtype_option
-from .utils.validation import Command
+from .utils.options import dtype_option, model_option
+from .utils.validation import Command, read_json
 
 
 def output_config(raw: dict, dtype: str, dequantize: bool) -> dict:
@@ -85,7 +84,7 @@ def write_image_settings(file: Path, settings: dict) -> None:
     """Record an adapter's training image settings as the preprocessor config's defaults."""
     if not settings or not file.exists():
         return
-    config = json.loads(file.read_text())
+    config = read_json(file)
     if "do_image_splitting" in settings:
         config["do_image_splitting"] = bool(settings["do_image_splitting"])
     if settings.get("longest_edge") is not None:
@@ -97,10 +96,9 @@ def write_image_settings(file: Path, settings: dict) -> None:
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--model",
-    default=None,
+@model_option(
     help="The base model [default: the one recorded in the adapters' adapter_config.json].",
+    default=None,
 )
 @click.option(
     "--adapter-path",

@@ -17,7 +17,8 @@ from typing import Any
 import click
 
 from .utils import atomic
-from .utils.validation import Command
+from .utils.options import dtype_option
+from .utils.validation import Command, read_json
 
 # Files of a checkpoint that travel with random weights (config.json is written by transformers).
 SIDE_SUFFIXES = (".json", ".txt", ".jinja")
@@ -98,10 +99,7 @@ def save_random_checkpoint(
         raise FileNotFoundError(f"{file} not found: CONFIG_DIR must hold a model's config.json")
     if not (config_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{config_dir / 'tokenizer.json'} not found: no tokenizer to copy")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: invalid JSON ({e})") from e
+    config = read_json(file)
     if config.get("model_type") not in ("idefics3", "smolvlm"):
         raise ValueError(f"{file}: model_type {config.get('model_type')!r} is not idefics3/smolvlm")
     if layers is not None and layers < 1:
@@ -131,13 +129,7 @@ def save_random_checkpoint(
     help="Blocks in the decoder and the vision tower (default: the config's).",
 )
 @click.option("--tiny", is_flag=True, help="Tiny widths (64) and 2 layers: seconds, not minutes.")
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
-    default="float32",
-    show_default=True,
-    help="dtype of the saved weights.",
-)
+@dtype_option(help="dtype of the saved weights.", default="float32")
 @click.option("--force", is_flag=True, help="Replace an existing OUT.")
 def main(config_dir, out, seed, layers, tiny, dtype, force) -> None:
     """Write a random-weight checkpoint of CONFIG_DIR's model (config and tokenizer) to OUT."""

@@ -20,7 +20,7 @@ from .retrieval import (
     load_retriever,
 )
 from .retrieval.index import INDEX_FILE, read_metadata
-from .utils.options import dtype_option
+from .utils.options import dpi_option, dtype_option, model_option
 from .utils.validation import Group
 
 DEFAULT_MODEL = "vidore/colSmol-256M"
@@ -62,19 +62,16 @@ def main() -> None:
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--index", "index_dir", required=True, help="Index folder (created or resumed).")
-@click.option(
-    "--model",
-    default=None,
+@model_option(
     help=f"Retriever: checkpoint folder, Hub id or PEFT adapter [default: {DEFAULT_MODEL}, or "
     "the one a resumed index was built with].",
+    default=None,
 )
 @model_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option(
-    "--dpi",
-    type=click.FloatRange(min=1, max=1200),
-    default=None,
+@dpi_option(
     help=f"PDF rendering resolution [default: {DEFAULT_DPI:g}, or the resumed index's].",
+    default=None,
 )
 @click.option(
     "--shard-pages",
@@ -142,7 +139,7 @@ def index(
 @click.argument("queries", nargs=-1, required=True)
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
-@click.option("--model", default=None, help="Retriever for the queries [default: the index's].")
+@model_option(help="Retriever for the queries [default: the index's].", default=None)
 @model_options
 @click.option("--verbose", is_flag=True, help="Show tracebacks of errors.")
 def search(index_dir, queries, top_k, as_json, model, adapter_path, base, dtype, verbose) -> None:
@@ -179,7 +176,7 @@ def search(index_dir, queries, top_k, as_json, model, adapter_path, base, dtype,
 
 
 @main.command()
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Source retriever.")
+@model_option(help="Source retriever.", default=DEFAULT_MODEL)
 @click.option("--mlx-path", required=True, help="Output folder.")
 @model_options
 @click.option("-q", "--quantize", is_flag=True, help="Quantize the decoder and projection.")

@@ -9,6 +9,7 @@ at a time through `batch_stream_generate` when they arrive within `--batch-windo
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import queue
@@ -18,6 +19,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,6 +48,7 @@ from .utils.validation import (
 )
 
 CLIENT_POLL_S = 0.25  # how often a waiting handler checks that its client is still there
+REFUSED_LINGER_S = 2.0  # how long a refused connection stays half-open for its client to read
 MAX_STOP_STRINGS = 4
 
 
@@ -91,6 +94,8 @@ class Limits:
     remote_images: bool = True  # fetch http(s) image URLs (off: only data: URLs and local files)
     fetch_timeout: float = 15.0  # seconds for a whole remote image download
     max_pending: int = 32  # requests queued or running; more are answered 503
+    max_connections: int = 64  # connections open at once, each a thread; more are answered 503
+    header_timeout: float = 10.0  # seconds to send a request head (status line and headers)
 
 
 @dataclass
@@ -410,7 +415,78 @@ class Server(ThreadingHTTPServer):
         self.worker, self.limits, self.model_id = worker, limits, model_id
         self.created = int(time.time())
         self.pending = 0  # chat requests being checked, queued or generated
+        self.connections = 0  # connections with a handler thread
+        self.refused: deque[tuple[float, socket.socket]] = deque()  # (close time, connection)
         self.lock = threading.Lock()
+        error = ApiError(
+            f"the server has {limits.max_connections} connections open, its limit; retry shortly",
+            503,
+            code="too_many_connections",
+            kind="server_error",
+        )
+        body = json.dumps(error.body()).encode()
+        self.refusal = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+        ).encode() + body
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        """Serve a connection on a thread of its own, or refuse it at `max_connections`."""
+        with self.lock:
+            admitted = self.connections < self.limits.max_connections
+            if admitted:
+                self.connections += 1
+        if not admitted:
+            self.refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: no thread will give the place back
+            self.closed_one()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.closed_one()
+
+    def closed_one(self) -> None:
+        with self.lock:
+            self.connections -= 1
+
+    def refuse(self, request: socket.socket) -> None:
+        """Answer 503 and close, here on the accepting thread: no thread for the connection."""
+        # A 503 rather than a refused or reset connection: OpenAI clients retry both, but a 503
+        # carries Retry-After, which they honour, and an error object that says why (a reset is
+        # only a "Connection error"). The connection then stays half-open for a moment, since
+        # closing it with the request unread would reset it and the client could lose the 503.
+        request.setblocking(False)
+        try:
+            request.sendall(self.refusal)  # a few hundred bytes: a new socket's buffer holds them
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            request.close()
+            return
+        self.refused.append((time.monotonic() + REFUSED_LINGER_S, request))
+        if len(self.refused) > self.limits.max_connections:
+            self.refused.popleft()[1].close()
+
+    def service_actions(self) -> None:
+        """Close the refused connections whose clients have left or had their time."""
+        super().service_actions()
+        now, kept = time.monotonic(), deque()
+        for deadline, request in self.refused:
+            if now >= deadline or _finished(request):
+                request.close()
+            else:
+                kept.append((deadline, request))
+        self.refused = kept
+
+    def server_close(self) -> None:
+        super().server_close()
+        for _, request in self.refused:
+            request.close()
 
     def admit(self) -> bool:
         """Take a place for one more chat request, unless `max_pending` are in already."""
@@ -425,6 +501,67 @@ class Server(ThreadingHTTPServer):
             self.pending -= 1
 
 
+def _finished(request: socket.socket) -> bool:
+    """Whether a refused (non-blocking) connection's client has closed it; drops what it sent."""
+    try:
+        for _ in range(16):  # at most 1 MiB a turn: a client that keeps sending waits its turn
+            if not request.recv(65536):
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return False
+
+
+class HeadTimeout(Exception):
+    """A request head that did not arrive within `Limits.header_timeout`."""
+
+
+class HeadReader(io.RawIOBase):
+    """A connection's reads, with a deadline for each request head.
+
+    The first head's clock starts with the connection, a later (keep-alive) one's with its first
+    byte, so a client that sends nothing, or its head a byte at a time, cannot hold a thread.
+    Other reads (waiting for the next request, bodies) wait up to `idle` seconds for each byte.
+    """
+
+    def __init__(self, sock: socket.socket, idle: float, head_time: float):
+        self.sock, self.idle, self.head_time = sock, idle, head_time
+        self.deadline: float | None = time.monotonic() + head_time
+        self.between = False  # between requests: the next byte starts a head
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.deadline is None:
+            count = self.sock.recv_into(buffer)
+            if count and self.between:
+                self.deadline, self.between = time.monotonic() + self.head_time, False
+            return count
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise HeadTimeout
+        self.sock.settimeout(min(left, self.idle))
+        try:
+            return self.sock.recv_into(buffer)
+        except TimeoutError:
+            if left < self.idle:
+                raise HeadTimeout from None
+            raise
+        finally:
+            self.sock.settimeout(self.idle)
+
+    def head_read(self) -> None:
+        """The head is in: no deadline for the body."""
+        self.deadline = None
+
+    def next_request(self) -> None:
+        """The next head's clock starts with its first byte."""
+        self.deadline, self.between = None, True
+
+
 ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST"}
 
 
@@ -437,6 +574,36 @@ class Handler(BaseHTTPRequestHandler):
     # Reading and dropping a moderately oversized body lets the client see the 413 rather
     # than a connection reset; anything beyond this is cut off.
     drain_limit = 64 * 2**20
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the plain socket file, replaced by one with the head deadline
+        limit = self.server.limits.header_timeout
+        self.reader = HeadReader(self.connection, self.timeout, limit)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self) -> None:
+        """One request; a head that misses its deadline is answered 408."""
+        self.command = self.requestline = ""  # not the previous request's, should this one fail
+        try:
+            super().handle_one_request()
+        except HeadTimeout:
+            limit = self.server.limits.header_timeout
+            self._fail(
+                ApiError(
+                    f"the request head did not arrive within {limit:g} s",
+                    408,
+                    code="request_timeout",
+                )
+            )
+        self.reader.next_request()
+
+    def parse_request(self) -> bool:
+        """Read the request line's parts and the headers; the head deadline ends here."""
+        try:
+            return super().parse_request()
+        finally:
+            self.reader.head_read()
 
     def do_GET(self) -> None:
         if self._route("GET") is None:
@@ -529,11 +696,15 @@ class Handler(BaseHTTPRequestHandler):
         """The standard library's own errors (bad request line, unknown method...) as JSON."""
         if code == 501:  # a method nobody here takes
             code, message = 405, f"{self.command!r:.40} is not supported"
+        self._fail(ApiError(message or "bad request", code, code="bad_request"))
+
+    def _fail(self, error: ApiError) -> None:
+        """Answer a request that could not be read, and close its connection."""
         # A garbled request line leaves the version at HTTP/0.9, which would drop the status line.
         self.request_version = self.protocol_version
         self.close_connection = True
         try:
-            self._error(ApiError(message or "bad request", code, code="bad_request"))
+            self._error(error)
         except OSError:
             pass
 
@@ -797,6 +968,21 @@ POSITIVE = click.IntRange(min=1)
     help="Chat requests in at once (queued or running); more are answered 503.",
 )
 @click.option(
+    "--max-connections",
+    type=POSITIVE,
+    default=64,
+    show_default=True,
+    help="Connections open at once (one thread each); more are answered 503 and closed.",
+)
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds a client has to send a request's headers (from its connection, or a "
+    "keep-alive request's first byte); then 408 and the connection is closed.",
+)
+@click.option(
     "--batch-window-ms",
     type=click.FloatRange(min=0),
     default=10.0,
@@ -824,6 +1010,8 @@ def main(
     max_total_pixels,
     fetch_timeout,
     max_pending,
+    max_connections,
+    header_timeout,
     batch_window_ms,
     max_batch_size,
     dtype,
@@ -845,6 +1033,8 @@ def main(
         remote_images=remote_images,
         fetch_timeout=fetch_timeout,
         max_pending=max_pending,
+        max_connections=max_connections,
+        header_timeout=header_timeout,
     )
     kwargs = image_kwargs(no_image_splitting, longest_edge, max_tiles)
     check_image_kwargs(kwargs)

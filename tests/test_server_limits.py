@@ -4,13 +4,16 @@ and the server keeps answering."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import select
 import socket
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -340,3 +343,98 @@ def test_a_failure_inside_generation_shows_no_internals(checkpoint, monkeypatch)
     finally:
         served.shutdown()
         served.server_close()
+
+
+# ---------------------------------------------------------------------------
+# Clients that hold connections: the connection cap and the request head's deadline
+
+HEADER_TIMEOUT = 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny(checkpoint):
+    return load(checkpoint)
+
+
+@contextmanager
+def guarded(tiny, **limits):
+    """(address, server) of an in-process server with the given `Limits`."""
+    from mlx_smolvlm import server as server_module
+
+    served = server_module.create_server(
+        *tiny, "tiny", port=0, limits=server_module.Limits(**limits)
+    )
+    threading.Thread(target=served.serve_forever, daemon=True).start()
+    try:
+        yield served.server_address[:2], served
+    finally:
+        served.shutdown()
+        served.server_close()
+
+
+def wait_for_connections(served, count: int) -> None:
+    """Wait until the server's handler threads hold `count` connections."""
+    for _ in range(600):
+        if served.connections == count:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"the server holds {served.connections} connections, not {count}")
+
+
+def test_idle_connections_beyond_the_cap_get_a_503_and_the_server_recovers(tiny):
+    with guarded(tiny, max_connections=4, header_timeout=120) as (address, served):
+        idle = [socket.create_connection(address, timeout=30) for _ in range(4)]
+        wait_for_connections(served, 4)
+        for _ in range(6):  # more idle clients: answered at once, not left waiting
+            with socket.create_connection(address, timeout=30) as conn:
+                answer = b""
+                while chunk := conn.recv(65536):
+                    answer += chunk
+            status, headers, body = parse(answer)
+            assert_error(status, body, 503)
+            assert body["error"]["code"] == "too_many_connections"
+            assert headers["Retry-After"] == "1" and headers["Connection"] == "close"
+        status, body = call(address, chat("Hi", max_tokens=1))  # a real request, refused alike
+        assert_error(status, body, 503)
+        for conn in idle:
+            conn.close()
+        wait_for_connections(served, 0)
+        still_answers(address)
+
+
+def test_a_half_sent_request_head_is_a_408_and_the_server_answers_on(tiny):
+    with guarded(tiny, header_timeout=HEADER_TIMEOUT) as (address, _):
+        for head in (b"", b"POST /v1/chat/completions HTTP/1.1\r\nContent-Le"):
+            status, headers, body = parse(raw(address, head))  # read until the server closes
+            assert_error(status, body, 408)
+            assert body["error"]["code"] == "request_timeout"
+            assert headers["Connection"] == "close"
+        # A head trickled a byte at a time (a byte every 0.1 s, far within the 60 s a stalled
+        # read may last) still has to be in by the deadline.
+        head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 200 + b"\r\n\r\n"
+        with socket.create_connection(address, timeout=30) as conn:
+            sent = 0
+            while not select.select([conn], [], [], 0.1)[0] and sent < len(head):
+                conn.send(head[sent : sent + 1])
+                sent += 1
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        assert sent < len(head)
+        status, _, body = parse(answer)
+        assert_error(status, body, 408)
+        still_answers(address)
+
+
+def test_an_idle_keep_alive_connection_is_not_cut_by_the_head_deadline(tiny):
+    with guarded(tiny, header_timeout=HEADER_TIMEOUT) as (address, _):
+        conn = http.client.HTTPConnection(*address, timeout=30)
+        conn.request("GET", "/health")
+        assert conn.getresponse().read() and conn.sock is not None
+        first = conn.sock
+        time.sleep(2 * HEADER_TIMEOUT)  # idle between requests: the 60 s keep-alive applies
+        conn.request("GET", "/health")
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read())["status"] == "ok"
+        assert conn.sock is first  # the same connection answered
+        conn.close()

@@ -238,6 +238,7 @@ def load_config(model_path: str | Path) -> tuple[ModelConfig, dict]:
     path = Path(model_path) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: not a SmolVLM checkpoint directory")
+    # Not utils.validation.read_json: the model package imports nothing outside itself.
     try:
         raw = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:

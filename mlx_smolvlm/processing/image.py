@@ -7,7 +7,6 @@ rescale/normalize steps use the same dtypes in the same order.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..utils.validation import check_resize_shape
+from ..utils.validation import check_resize_shape, read_json
 from .fetch import FetchLimits, open_image
 
 # Absolute cap on the resized longest edge, as in the reference ("4k resolution").
@@ -243,12 +242,7 @@ class ImageProcessor:
     def from_pretrained(cls, path: str | Path) -> ImageProcessor:
         """Build the processor from a checkpoint directory's preprocessor_config.json."""
         file = Path(path) / "preprocessor_config.json"
-        try:
-            config = json.loads(file.read_text())
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"Missing image processor config: {file}") from err
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{file} is not valid JSON: {err}") from err
+        config = read_json(file)
         missing = [key for key in ("size", "max_image_size") if key not in config]
         if missing:
             raise ValueError(f"{file} lacks the required key(s) {missing}")

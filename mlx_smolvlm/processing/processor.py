@@ -24,6 +24,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..model.config import ConfigError, ModelConfig
+from ..utils.validation import read_json
 from .image import ImageProcessor, _pad, fetch_image
 from .messages import build_messages, media_parts, normalize_message
 from .video import (
@@ -54,16 +55,8 @@ _CLEAN_UP = {
 
 
 def _read_json(file: Path) -> dict[str, Any]:
-    """Read a JSON object from an optional config file; {} when it is absent."""
-    if not file.exists():
-        return {}
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{file} must hold a JSON object")
-    return data
+    """The JSON object of an optional config file; {} when it is absent."""
+    return read_json(file) if file.exists() else {}
 
 
 def _token_text(value: Any) -> str | None:

@@ -9,7 +9,6 @@ pixels differently (by at most 2 of 255 levels over its two resizes).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..utils.validation import read_json
 from .image import ImageProcessor, array_to_image, to_rgb
 
 VIDEO_TOKEN = "<video>"
@@ -302,11 +302,8 @@ def _video_config(path: Path) -> tuple[dict[str, Any], Path] | None:
     for file, section in candidates:
         if not file.exists():
             continue
-        try:
-            config = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{file} is not valid JSON: {err}") from err
-        if section is not None and isinstance(config, dict):
+        config = read_json(file)
+        if section is not None:
             config = config.get(section)
         if isinstance(config, dict) and isinstance(config.get("video_sampling"), dict):
             return config, file

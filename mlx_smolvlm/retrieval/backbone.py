@@ -7,6 +7,7 @@ from ..model.mask import padding_mask
 from ..processing import Processor
 from ..processing.image import fetch_image
 from ..utils import atomic
+from ..utils.validation import read_json
 
 __all__ = [
     "Model",
@@ -20,4 +21,5 @@ __all__ = [
     "load_weights",
     "padding_mask",
     "prepare",
+    "read_json",
 ]

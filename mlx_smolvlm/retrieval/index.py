@@ -31,7 +31,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .backbone import atomic
+from .backbone import atomic, read_json
 from .scoring import flatten, maxsim_flat, top_k
 from .sources import Page
 
@@ -74,11 +74,8 @@ def read_metadata(index_dir: Path) -> dict[str, Any]:
     file = index_dir / INDEX_FILE
     if not file.exists():
         raise IndexFormatError(f"{index_dir}: not an index (no {INDEX_FILE})")
-    try:
-        meta = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise IndexFormatError(f"{file}: cannot read it ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    meta = read_json(file, IndexFormatError)
+    if meta.get("format") != FORMAT:
         raise IndexFormatError(f"{file}: not an {FORMAT} file")
     if meta.get("version") != VERSION:
         raise IndexFormatError(f"{file}: version {meta.get('version')!r}; expected {VERSION}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -12,7 +11,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 
-from .backbone import get_model_path, load_config, load_into, load_weights, prepare
+from .backbone import get_model_path, load_config, load_into, load_weights, prepare, read_json
 from .model import ColIdefics3
 from .processing import RetrievalProcessor
 
@@ -31,12 +30,7 @@ def is_adapter(path: Path) -> bool:
 def read_peft_config(adapter_path: Path) -> dict:
     """adapter_config.json, checked for the LoRA variants this loader applies."""
     file = adapter_path / ADAPTER_CONFIG
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file}: cannot read the adapter config ({e})") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{file}: expected a JSON object")
+    config = read_json(file)
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{file}: peft_type {config.get('peft_type')!r} is not LORA")
     for key in ("use_dora", "fan_in_fan_out"):

@@ -6,7 +6,6 @@ adapters.safetensors beside adapter_config.json.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 
 from ..utils import atomic
+from ..utils.validation import read_json
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -127,11 +127,8 @@ def read_adapter_config(adapter_path: str | Path) -> dict[str, Any]:
     file = path / CONFIG_FILE
     if not file.exists():
         raise AdapterError(f"{file} not found: {path} is not an mlx-smolvlm adapter directory")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{file}: invalid JSON ({e})") from e
-    if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
+    config = read_json(file, AdapterError)
+    if config.get("format") != ADAPTER_FORMAT:
         raise AdapterError(f"{file}: not an {ADAPTER_FORMAT} adapter config")
     params = config.get("lora_parameters")
     if not isinstance(params, dict) or not {"rank", "scale", "dropout"} <= set(params):

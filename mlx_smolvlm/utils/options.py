@@ -1,4 +1,4 @@
-"""Command-line options shared by the CLIs: model, image handling, dtype, sampling."""
+"""Command-line options shared by the CLIs: model, image handling, dtype, PDF dpi, sampling."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+
+from ..processing.pages import DEFAULT_DPI
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
@@ -87,23 +89,43 @@ kv_cache_options = _apply(KV_CACHE)  # --kv-bits, --max-kv-size
 
 
 def model_option(
-    help: str = "Hub repo id or local path.", adapter_default: bool = False, **kwargs: Any
+    help: str = "Hub repo id or local path.",
+    default: str | None = DEFAULT_MODEL,
+    adapter_default: bool = False,
 ) -> Callable:
-    """--model: the hub default, none with `required=True`, or with `adapter_default` the base
-    model recorded by --adapter-path (the hub default without adapters; `loading.load` decides)."""
-    if kwargs.get("required"):
-        return click.option("--model", help=help, **kwargs)
+    """--model with `default` shown in --help; `default=None` or `adapter_default` (the base model
+    --adapter-path records, else the hub default: `loading.load` decides) leave it unset."""
     if adapter_default:
         help = f"{help} [default: the base model of --adapter-path, else {DEFAULT_MODEL}]"
-        return click.option("--model", default=None, help=help, **kwargs)
-    return click.option("--model", default=DEFAULT_MODEL, show_default=True, help=help, **kwargs)
+        default = None
+    return click.option("--model", default=default, show_default=default is not None, help=help)
 
 
 def dtype_option(
     help: str = "Compute dtype (default: float32 on the CPU backend, the checkpoint's on Metal).",
+    default: str | None = None,
 ) -> Callable:
-    """--dtype, one of DTYPE_NAMES or unset."""
-    return click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None, help=help)
+    """--dtype, one of DTYPE_NAMES; unset unless a `default` is given (then shown in --help)."""
+    return click.option(
+        "--dtype",
+        type=click.Choice(DTYPE_NAMES),
+        default=default,
+        show_default=default is not None,
+        help=help,
+    )
+
+
+def dpi_option(help: str, default: float | None = DEFAULT_DPI) -> Callable:
+    """--dpi, the resolution PDF pages are rendered at; unset when `default` is None."""
+    # One range for docling and retrieve (they had (0, 600] and [1, 1200]): the union of both,
+    # so that no command line that worked before stops working.
+    return click.option(
+        "--dpi",
+        type=click.FloatRange(min=0, min_open=True, max=1200),
+        default=default,
+        show_default=default is not None,
+        help=help,
+    )
 
 
 def image_kwargs(

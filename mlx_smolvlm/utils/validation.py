@@ -3,15 +3,18 @@
 Every check raises `ValidationError` (a `ValueError`) whose message names the parameter and
 the accepted range; `param` carries the name so that the CLI can print its flag and the
 server its JSON field. Misspelled keyword arguments become a `TypeError` with close matches.
+`read_json` is the one reader of JSON config and metadata files, with one-line errors.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import sys
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import click
@@ -203,6 +206,31 @@ def fit_to_window(prompt_tokens: int, max_tokens: int, window: int) -> tuple[int
         f"max_tokens lowered from {max_tokens} to {room}: the {prompt_tokens}-token prompt "
         f"leaves {room} of the model's {window}-token context window"
     )
+
+
+def read_json(file: Path, error: type[ValueError] = ValueError) -> dict[str, Any]:
+    """The JSON object in `file`, or a one-line error naming the file and what is wrong with it.
+
+    A missing file is a `FileNotFoundError`, as the CLIs expect; anything else (unreadable, not
+    UTF-8, not JSON, not an object) is `error`, so that each caller keeps its own error class.
+    """
+    try:
+        data = json.loads(file.read_bytes().decode("utf-8"))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{file}: not found") from e
+    except OSError as e:
+        raise error(f"{file}: cannot read it ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise error(
+            f"{file}: invalid JSON: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+        ) from e
+    except json.JSONDecodeError as e:
+        raise error(f"{file}: invalid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from e
+    except RecursionError as e:
+        raise error(f"{file}: invalid JSON: nested too deeply") from e
+    if not isinstance(data, dict):
+        raise error(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def debug() -> bool:

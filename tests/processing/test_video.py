@@ -438,7 +438,7 @@ def test_video_settings_from_each_config_layout(tmp_path):
     assert VideoProcessor.from_pretrained(real_model_dir()) is None  # SmolVLM 1: no video
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "preprocessor_config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(ValueError, match="preprocessor_config.json: invalid JSON"):
         VideoProcessor.from_pretrained(tmp_path / "bad")
 
 
