@@ -28,8 +28,8 @@ BLOCK = 1 << 18  # at most this many elements per elementwise task (1 MiB of flo
 
 
 def _threads() -> int:
-    """Threads the kernels split their work among (`threads.decide`, at each `cpu.prepare`)."""
-    return threads.current()
+    """Threads the kernels split their tasks among (`threads.for_tasks`)."""
+    return threads.for_tasks()
 
 
 @cache

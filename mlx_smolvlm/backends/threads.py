@@ -1,16 +1,19 @@
 """How many threads the CPU backend's host work runs on: the cores this process may use, less
 those other programs keep busy right now.
 
-Host work synchronises its threads hundreds of times per token (each of a decode step's ~200
-BLAS products waits for every BLAS thread; each host kernel waits for its pool). When other
-programs keep the cores busy, one of our threads is often descheduled, and every product then
-waits a whole scheduler slice for it: with two competing multi-threaded BLAS jobs on a 2-core
-machine, a two-thread decode step ran ten times slower than a one-thread one. So
-`decide()`, called once per generation call by `cpu.prepare`, counts the cores available
-(CPU affinity and the cgroup CPU quota, not `os.cpu_count()`) and the threads of other
-processes runnable at that moment (the instantaneous count behind the load average, sampled a
-few times; the 1-minute load average lags a minute behind and counts this process's own past
-work), and gives host work the cores left, at least one. MLX_SMOLVLM_THREADS=N overrides it.
+A decode step synchronises its threads hundreds of times per token (each of its ~200 BLAS
+products waits for every BLAS thread). When other programs keep the cores busy, one of our
+threads is often descheduled, and every product then waits a whole scheduler slice for it:
+with two competing multi-threaded BLAS jobs on a 2-core machine, a two-thread decode step ran
+ten times slower than a one-thread one. So `decide()`, called once per generation call by
+`cpu.prepare`, counts the cores available (CPU affinity and the cgroup CPU quota, not
+`os.cpu_count()`) and the threads of other processes runnable at that moment (the
+instantaneous count behind the load average, sampled a few times; the 1-minute load average
+lags a minute behind and counts this process's own past work), and gives synchronised work
+(decode steps, MLX's BLAS) the cores left, at least one. The prefill's host work is split into
+independent tasks instead and runs on every available core (`for_tasks`): under the same
+load, one thread made an image's prefill 4.3x slower than on the quiet machine, every core
+3.1x. MLX_SMOLVLM_THREADS=N overrides both.
 """
 
 from __future__ import annotations
@@ -114,6 +117,16 @@ def decide() -> int:
     threads = max(1, min(cores, round(cores - busy)))
     reason = f"{cores} cores available, {busy:.1f} busy with other programs"
     return threads
+
+
+def for_tasks() -> int:
+    """Threads for host work split into independent tasks taken from a shared counter (the
+    prefill's kernels, the vision tower): every available core even on a busy machine, since
+    a descheduled thread then delays only the task it holds (tens of milliseconds of work)
+    while the others take the rest, and more threads get a larger share of a shared machine.
+    MLX_SMOLVLM_THREADS, when set, counts here too."""
+    current()  # decided (and a forced count read) at least once
+    return threads if reason == "MLX_SMOLVLM_THREADS" else available_cores()
 
 
 def current() -> int:

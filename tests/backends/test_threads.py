@@ -74,6 +74,17 @@ def test_a_fresh_reading_is_reused_and_a_stale_one_taken_again(monkeypatch):
     assert len(readings) == 2 * threads.SAMPLES  # sampled again
 
 
+def test_tasks_use_every_core_on_a_busy_machine_unless_told(monkeypatch):
+    monkeypatch.delenv("MLX_SMOLVLM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "available_cores", lambda: 4)
+    monkeypatch.setattr(threads, "busy_cores", lambda: 3.5)
+    assert threads.decide() == 1  # synchronised work (decode steps): one thread
+    assert threads.for_tasks() == 4  # independent tasks: every core
+    monkeypatch.setenv("MLX_SMOLVLM_THREADS", "2")
+    threads.decide()
+    assert threads.for_tasks() == 2
+
+
 def test_environment_forces_the_count_and_names_a_bad_one(monkeypatch):
     monkeypatch.setenv("MLX_SMOLVLM_THREADS", "3")
     assert threads.decide() == 3
@@ -110,21 +121,21 @@ def test_one_thread_runs_in_the_caller_and_more_use_the_pool(monkeypatch):
         with lock:
             seen.add(threading.current_thread().name)
 
-    monkeypatch.setattr(threads, "threads", 1)
+    monkeypatch.setattr(kernels, "_threads", lambda: 1)
     kernels.run_tasks(task, 8)
     assert seen == {threading.current_thread().name}
     seen.clear()
-    monkeypatch.setattr(threads, "threads", 2)
+    monkeypatch.setattr(kernels, "_threads", lambda: 2)
     kernels.run_tasks(task, 8)
     assert len(seen) == 2 and threading.current_thread().name in seen
 
 
-def test_a_failing_task_is_raised():
+def test_a_failing_task_is_raised(monkeypatch):
     def task(i):
         if i == 5:
             raise RuntimeError("task 5 failed")
 
-    threads.threads = 2
+    monkeypatch.setattr(kernels, "_threads", lambda: 2)
     with pytest.raises(RuntimeError, match="task 5 failed"):
         kernels.run_tasks(task, 8)
 
@@ -135,7 +146,7 @@ def test_kernels_give_the_same_numbers_on_one_thread_or_several(monkeypatch):
     x = mx.random.normal((4, 300, 700))
     results = []
     for count in (1, 2, 3):
-        monkeypatch.setattr(threads, "threads", count)
+        monkeypatch.setattr(kernels, "_threads", lambda count=count: count)
         results.append((host_attention(q, k, v, 0.25, "causal"), host_swiglu(x, x)))
     for attention, swiglu in results[1:]:
         assert mx.array_equal(attention, results[0][0]).item()
@@ -159,7 +170,7 @@ def test_host_vision_tower_gives_the_same_numbers_on_any_thread_count(monkeypatc
     monkeypatch.setattr(host_vision, "ROWS", 10)
     results = []
     for count in (1, 2, 3):
-        monkeypatch.setattr(threads, "threads", count)
+        monkeypatch.setattr(kernels, "_threads", lambda count=count: count)
         results.append(model.vision_model(pixels, ids))
     assert all(mx.array_equal(r, results[0]).item() for r in results[1:])
 
