@@ -53,9 +53,10 @@ def core_type(cpuinfo: str | None = None) -> str | None:
 
     OpenBLAS picks its kernels from the CPU model number, and a model it does not know (the
     generic "Intel Xeon Processor" a hypervisor shows, a CPU newer than the library) gets its
-    slowest x86_64 kernels: Debian's 0.3.21 ran an fp32 GEMM at 61 GFLOP/s on a virtual
-    Sapphire Rapids machine, 241 with its AVX-512 kernels (torch's MKL: 269). The flags say
-    what the CPU can run whatever its model, so the family is chosen from them.
+    slowest x86_64 kernels: Debian's 0.3.21 ran an fp32 GEMM at 43-66 GFLOP/s on a virtual
+    AVX-512 Xeon, 199-238 with its AVX-512 kernels (torch's MKL: 243-279; see
+    benchmarks/bench_blas.py). The flags say what the CPU can run whatever its model, so the
+    family is chosen from them.
     """
     if cpuinfo is None:
         try:
