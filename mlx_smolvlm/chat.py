@@ -81,6 +81,10 @@ def read_lines() -> Iterator[str | UnicodeDecodeError]:
             except UnicodeDecodeError as e:
                 yield e
         return
+    # Ctrl-C must reach the prompt even when the chat was started with SIGINT ignored (from a
+    # script's background job or nohup, a disposition that programs inherit): Python then
+    # keeps it ignored and Ctrl-C would do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     while True:
         try:
             yield input(PROMPT)

@@ -7,6 +7,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -24,10 +25,22 @@ def _take_terminal() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
+def _take_terminal_ignoring_sigint() -> None:
+    """As `_take_terminal`, with SIGINT ignored, as a script's background job starts."""
+    _take_terminal()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Terminal:
     """A child process whose stdin, stdout and stderr are one pseudo-terminal."""
 
-    def __init__(self, args: list[str], cwd: Path | None = None, env: dict | None = None):
+    def __init__(
+        self,
+        args: list[str],
+        cwd: Path | None = None,
+        env: dict | None = None,
+        sigint_ignored: bool = False,
+    ):
         self.master, slave = pty.openpty()
         environment = {**os.environ, "TERM": "xterm", "MLX_SMOLVLM_QUIET": "1", **(env or {})}
         self.process = subprocess.Popen(
@@ -37,7 +50,7 @@ class Terminal:
             stderr=slave,
             cwd=cwd,
             env=environment,
-            preexec_fn=_take_terminal,
+            preexec_fn=_take_terminal_ignoring_sigint if sigint_ignored else _take_terminal,
         )
         os.close(slave)
         self.output = ""  # everything read so far, escape sequences removed

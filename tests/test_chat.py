@@ -143,3 +143,18 @@ def test_progress_line_erases_itself_and_chunked_encoding_is_exact(checkpoint, i
     assert calls == [("tiles", min(n, tiles), tiles) for n in range(2, tiles + 2, 2)]
     np.testing.assert_allclose(np.array(chunked), np.array(whole), atol=1e-5)
     assert chunked.dtype == mx.float32
+
+
+def test_ctrl_c_at_the_prompt_works_when_started_with_sigint_ignored(checkpoint):
+    # A script's background job (or nohup) starts programs with SIGINT ignored.
+    term = Terminal(["-m", "mlx_smolvlm.chat", "--model", str(checkpoint)], sigint_ignored=True)
+    try:
+        term.expect(">> ")
+        term.send("half a question")
+        term.expect("half a question")
+        term.send(KEYS["ctrl-c"])
+        term.expect(">> ")
+        term.send("/exit" + KEYS["enter"])
+        assert term.wait() == 0
+    finally:
+        term.close()
