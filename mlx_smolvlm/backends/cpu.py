@@ -75,7 +75,8 @@ class HostLanguageModel(language.LanguageModel):
 
     def refresh(self) -> Weights:
         """Make the numpy views of the weights the decode steps read (`decoder.views`); called
-        at each generation call, so weights loaded or updated since are the ones read."""
+        by `make_cache` at each generation call, so weights loaded or updated since are the
+        ones read (a reused prompt cache was made, and its views with it, for these weights)."""
         self.__dict__["host_weights"] = views(self)
         return self.__dict__["host_weights"]
 
@@ -146,11 +147,6 @@ def prepare(model: nn.Module) -> nn.Module:
             model.update_modules(tree_unflatten([(path, module)]))
         else:
             root = module
-    swapped = dict(swaps)
-    for path, module in modules:
-        module = swapped.get(path, module)
-        if isinstance(module, HostLanguageModel):
-            module.refresh()
     return root
 
 

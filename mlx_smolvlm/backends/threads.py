@@ -30,6 +30,7 @@ FRESH = 1.0  # seconds a reading of the busy cores is reused (calls in a burst s
 CGROUP = Path("/sys/fs/cgroup")
 
 threads = 0  # the current decision (0: not decided yet); read through `current()`
+task_threads = 0  # threads for independent tasks, decided with it; read through `for_tasks()`
 reason = "not decided yet"
 _last_reading: tuple[float, float] | None = None  # (time.monotonic(), busy cores)
 
@@ -101,12 +102,12 @@ def busy_cores() -> float:
 
 def decide() -> int:
     """Decide (again) how many threads host work uses, and return it."""
-    global threads, reason
+    global threads, task_threads, reason
     cores = available_cores()
     forced = os.environ.get("MLX_SMOLVLM_THREADS")
     if forced:
         try:
-            threads = max(1, int(forced))
+            threads = task_threads = max(1, int(forced))
         except ValueError as error:
             raise ValueError(
                 f"MLX_SMOLVLM_THREADS must be a whole number of threads, got {forced!r}"
@@ -114,7 +115,7 @@ def decide() -> int:
         reason = "MLX_SMOLVLM_THREADS"
         return threads
     busy = busy_cores()
-    threads = max(1, min(cores, round(cores - busy)))
+    threads, task_threads = max(1, min(cores, round(cores - busy))), cores
     reason = f"{cores} cores available, {busy:.1f} busy with other programs"
     return threads
 
@@ -124,9 +125,10 @@ def for_tasks() -> int:
     prefill's kernels, the vision tower): every available core even on a busy machine, since
     a descheduled thread then delays only the task it holds (tens of milliseconds of work)
     while the others take the rest, and more threads get a larger share of a shared machine.
-    MLX_SMOLVLM_THREADS, when set, counts here too."""
-    current()  # decided (and a forced count read) at least once
-    return threads if reason == "MLX_SMOLVLM_THREADS" else available_cores()
+    MLX_SMOLVLM_THREADS, when set, counts here too. Decided with `decide`, not re-read per call
+    (the kernels ask several times per layer)."""
+    current()  # decided at least once
+    return task_threads
 
 
 def current() -> int:

@@ -84,12 +84,13 @@ def encode(model: vision.VisionModel, x: np.ndarray, key_mask: np.ndarray | None
         """(rows, dims) as (images, heads, patches, head_dims), a view."""
         return t.reshape(images, length, heads, -1).transpose(0, 2, 1, 3)
 
-    def norm_into(out: np.ndarray, w: dict, name: str, eps: float, part: slice) -> None:
-        layer_norm_into(out[part], stream[part], w[f"{name}.weight"], w[f"{name}.bias"], eps)
+    def norm_into(w: dict, name: str, eps: float, part: slice) -> None:
+        """normed = stream through the layer norm whose views are w[name + "weight"/"bias"]."""
+        layer_norm_into(normed[part], stream[part], w[name + "weight"], w[name + "bias"], eps)
 
     def attention_inputs(layer: vision.EncoderLayer, w: dict, part: slice) -> None:
         """normed = layer_norm1(stream); q, k, v without their biases (attention adds them)."""
-        norm_into(normed, w, "layer_norm1", layer.layer_norm1.eps, part)
+        norm_into(w, "layer_norm1.", layer.layer_norm1.eps, part)
         for out, name in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")):
             np.matmul(normed[part], w[f"self_attn.{name}.weight"].T, out=out[part])
 
@@ -97,7 +98,7 @@ def encode(model: vision.VisionModel, x: np.ndarray, key_mask: np.ndarray | None
         """stream += out_proj(attended); stream += mlp(layer_norm2(stream))."""
         stream[part] += np.matmul(attended[part], w["self_attn.out_proj.weight"].T)
         stream[part] += w["self_attn.out_proj.bias"]
-        norm_into(normed, w, "layer_norm2", layer.layer_norm2.eps, part)
+        norm_into(w, "layer_norm2.", layer.layer_norm2.eps, part)
         hidden = np.matmul(normed[part], w["mlp.fc1.weight"].T)
         hidden += w["mlp.fc1.bias"]
         activated = np.empty_like(hidden)
@@ -120,5 +121,6 @@ def encode(model: vision.VisionModel, x: np.ndarray, key_mask: np.ndarray | None
             split(q), split(k), split(v), layer.self_attn.scale, key_mask, biases,
         )  # fmt: skip
         by_rows(rest_of_layer, layer, w)
-    by_rows(norm_into, normed, _views(model), "post_layernorm", model.post_layernorm.eps)
+    final = model.post_layernorm
+    by_rows(norm_into, _views(final), "", final.eps)
     return normed.reshape(images, length, dims)

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -97,10 +96,14 @@ def test_environment_forces_the_count_and_names_a_bad_one(monkeypatch):
 def test_competing_processes_are_counted():
     # Two busy loops of another program: runnable, so counted as busy (ours are not). Without
     # /proc (macOS) nothing is counted and the available cores are used.
-    spin = "import time\nend = time.time() + 3\nwhile time.time() < end: pass"
-    others = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2)]
+    # Each says when it is spinning, however long its start took on a busy machine.
+    spin = "import time\nend = time.time() + 30\nprint(flush=True)\nwhile time.time() < end: pass"
+    others = [
+        subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE) for _ in range(2)
+    ]
     try:
-        time.sleep(0.3)
+        for process in others:
+            process.stdout.readline()
         readings = [threads._runnable_elsewhere() for _ in range(20)]
         if os.path.exists("/proc/loadavg"):
             assert max(readings) >= 2
@@ -116,17 +119,26 @@ def test_one_thread_runs_in_the_caller_and_more_use_the_pool(monkeypatch):
     seen = set()
     lock = threading.Lock()
 
+    both = threading.Event()
+
     def task(i):
-        time.sleep(0.002)
         with lock:
             seen.add(threading.current_thread().name)
+            if len(seen) == 2:
+                both.set()
+
+    def task_waiting_for_both(i):
+        # A task returns only once two threads have taken one, so that the calling thread
+        # cannot drain every task before the helper starts, however slow the machine.
+        task(i)
+        both.wait(timeout=60)
 
     monkeypatch.setattr(kernels, "_threads", lambda: 1)
     kernels.run_tasks(task, 8)
     assert seen == {threading.current_thread().name}
     seen.clear()
     monkeypatch.setattr(kernels, "_threads", lambda: 2)
-    kernels.run_tasks(task, 8)
+    kernels.run_tasks(task_waiting_for_both, 8)
     assert len(seen) == 2 and threading.current_thread().name in seen
 
 
