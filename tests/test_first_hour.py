@@ -72,6 +72,7 @@ def test_random_checkpoint_is_complete_and_loads(tmp_path, monkeypatch):
     generation_module = importlib.import_module("mlx_smolvlm.generation.generate")
     monkeypatch.setattr(generation_module, "generate_step", untouchable)
     monkeypatch.setattr(generation_module, "encode_tiles", untouchable)
+    monkeypatch.setattr(generation_module, "prefill", untouchable)
     image = Image.new("RGB", (600, 400), "red")
     result = generate(model, processor, "Describe it.", image, max_tokens=0)
     assert (result.text, result.generation_tokens, result.finish_reason) == ("", 0, "length")

@@ -110,6 +110,46 @@ def test_chat_turn_reuses_cache_and_matches_fresh_prefill(loaded):
     assert second.token_ids == fresh.token_ids
 
 
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "seed": 5}])
+def test_one_pass_prefill_gives_mlx_lm_generate_step_tokens(loaded, sampling):
+    """The prompt is prefilled in one pass (mlx-lm's generate_step runs its last token alone);
+    the tokens are the same, with a repetition penalty that must see the prompt, in chunks."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    model, processor = loaded
+    image = picture(300, 300)
+    kwargs = {"repetition_penalty": 1.8, "prefill_step_size": 7, **sampling}
+    seen = []
+    result = generate(
+        model, processor, "Describe.", image, max_tokens=12,
+        progress=lambda stage, done, total: seen.append((stage, done, total)), **kwargs,
+    )  # fmt: skip
+    prefilled = [(done, total) for stage, done, total in seen if stage == "prefill"]
+    total = result.prompt_tokens
+    assert prefilled == [(0, total), *((min(d, total), total) for d in range(7, total + 7, 7))]
+
+    inputs = prepare_inputs(processor, "Describe.", image)
+    ids = [int(t) for t in inputs["input_ids"][0]]
+    features = model.get_image_features(inputs["pixel_values"], inputs["pixel_attention_mask"])
+    if "seed" in sampling:
+        mx.random.seed(sampling["seed"])
+    steps = generate_step(
+        mx.array(ids),
+        model.language_model,
+        max_tokens=12,
+        sampler=make_sampler(temp=sampling.get("temperature", 0.0)),
+        logits_processors=make_logits_processors(repetition_penalty=1.8),
+        prompt_cache=model.language_model.make_cache(),
+        prefill_step_size=7,
+        input_embeddings=model.embed([ids], image_features=features)[0],
+    )
+    reference = [token for token, _ in steps]
+    stops = processor.tokenizer.eos_token_ids
+    ended = next((i for i, t in enumerate(reference) if t in stops), len(reference))
+    assert result.token_ids == reference[:ended]
+
+
 def test_bounded_and_quantized_kv_cache_generate(loaded):
     model, processor = loaded
     image = picture(300, 300)
