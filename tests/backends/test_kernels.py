@@ -20,6 +20,7 @@ from mlx_smolvlm.backends.kernels import (
     gelu_tanh_into,
     host_attention,
     host_swiglu,
+    host_view,
     layer_norm_into,
 )
 from mlx_smolvlm.model.vision import gelu_tanh
@@ -261,6 +262,34 @@ def test_host_decode_reads_weights_updated_since_the_last_generation():
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, atol=1e-4)
     assert not np.allclose(got[0], before[0], atol=1e-3)
+
+
+def test_host_decode_stacks_projections_in_place_of_their_weights(tmp_path):
+    """q/k/v and gate/up are read as one matrix each whose row slices are the layers' own
+    weights: same values, no second copy, saved checkpoints unchanged; re-stacked after an
+    update."""
+    model = tiny_decoder(tie=False, bias=True)
+    weights = {k: np.array(v) for k, v in nn.utils.tree_flatten(model.parameters())}
+    host = cpu.prepare(model)
+    host.make_cache()
+    attn = host.layers[0].self_attn
+    stacked = host_view(attn.__dict__["stacked_q_proj_k_proj_v_proj"])
+    q, k, v = (host_view(attn[name].weight) for name in ("q_proj", "k_proj", "v_proj"))
+    assert q.ctypes.data == stacked.ctypes.data  # a slice of the stacked buffer, not a copy
+    assert v.ctypes.data + v.nbytes == stacked.ctypes.data + stacked.nbytes
+    assert np.array_equal(stacked, np.concatenate([q, k, v]))
+    for name, value in nn.utils.tree_flatten(host.parameters()):
+        assert np.array_equal(np.array(value), weights[name]), name
+    host.save_weights(str(tmp_path / "w.safetensors"))
+    saved = mx.load(str(tmp_path / "w.safetensors"))
+    assert set(saved) == set(weights)
+    for name, value in saved.items():
+        assert np.array_equal(np.array(value), weights[name]), name
+    # One projection replaced: the next generation stacks the new weights.
+    attn.k_proj.weight = attn.k_proj.weight * 2
+    host.make_cache()
+    restacked = host_view(attn.__dict__["stacked_q_proj_k_proj_v_proj"])
+    assert np.array_equal(restacked[q.shape[0] : q.shape[0] + k.shape[0]], k * 2)
 
 
 @pytest.mark.parametrize("tie, bias", [(False, False), (True, True)])
