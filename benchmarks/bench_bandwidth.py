@@ -1,26 +1,39 @@
-"""Memory read bandwidth of this machine, and the decode speed it allows a float32 model.
+"""Memory read bandwidth of this machine, the decode speed it allows a float32 model, and how
+close decoding comes to it.
 
 Decoding one token reads every weight of the language model once (the KV cache is small beside
 it), so tokens/s cannot exceed bandwidth / bytes of weights. The bandwidth is measured by
-streaming a float32 array far larger than the CPU caches through numpy reductions (a sum and a
-BLAS dot product), on one thread and on every available core (threads summing disjoint slices:
-numpy releases the GIL); the best of several passes counts.
+streaming float32 data far larger than the CPU caches through numpy: a sum and a BLAS dot
+product of a 512 MB array, and a matrix-vector product of a 512 MB matrix, on one thread and on
+every available core (threads reading disjoint slices: numpy releases the GIL); the best of
+several passes of the best kernel counts.
 
     python benchmarks/bench_bandwidth.py --model ../shared/models/SmolVLM-256M-Instruct
+
+With `--decode CHECKPOINT` (weights, not only a config) it also generates `--tokens` tokens
+after a short text prompt with `stream_generate`, alternating with the bandwidth measurement
+for `--rounds` rounds (this kind of machine drifts by 10-20 % from one minute to the next), and
+reports each round's decode speed as a share of that round's ceiling, and the median.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+# mlx_smolvlm first: it loads the optimized BLAS, which must precede mlx.core's import.
+from mlx_smolvlm import load, stream_generate
+from mlx_smolvlm.backends.threads import available_cores
+
+# isort: split
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from mlx_smolvlm.backends.threads import available_cores
+PROMPT = "Write a long story about a lighthouse keeper and her cat."
 
 
 def read_gbps(data: np.ndarray, threads: int, passes: int, reduce) -> float:
@@ -33,6 +46,25 @@ def read_gbps(data: np.ndarray, threads: int, passes: int, reduce) -> float:
             list(pool.map(reduce, parts))
             best = min(best, time.perf_counter() - start)
     return data.nbytes / best / 1e9
+
+
+def bandwidths(data: np.ndarray, passes: int, echo: bool) -> dict[str, float]:
+    """GB/s of each reading kernel on one thread and on every available core."""
+    matrix = data.reshape(-1, 1024)  # rows of 4 KB: a matrix-vector product, as decoding runs
+    vector = np.ones(1024, dtype=np.float32)
+    kernels = {
+        "sum": (data, np.sum),
+        "dot": (data, lambda part: np.dot(part, part)),
+        "gemv": (matrix, lambda part: part @ vector),
+    }
+    results = {}
+    for threads in sorted({1, available_cores()}):
+        for name, (array, reduce) in kernels.items():
+            gbps = read_gbps(array, threads, passes, reduce)
+            results[f"{name}, {threads} thread(s)"] = gbps
+            if echo:
+                print(f"{name:>4}, {threads} thread(s): {gbps:6.1f} GB/s")
+    return results
 
 
 def decode_bytes(config: dict) -> int:
@@ -51,32 +83,52 @@ def decode_bytes(config: dict) -> int:
     return 4 * (layers * per_layer + text["vocab_size"] * hidden + hidden)
 
 
+def decode_tps(model, processor, tokens: int) -> float:
+    """Tokens/s of decoding `tokens` tokens after a short text prompt."""
+    stamps = []
+    for _ in stream_generate(model, processor, PROMPT, max_tokens=tokens):
+        stamps.append(time.perf_counter())
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", type=Path, help="a checkpoint or config folder")
+    parser.add_argument("--decode", type=Path, help="a checkpoint to decode with, in turn")
     parser.add_argument("--megabytes", type=int, default=512, help="size of the streamed array")
     parser.add_argument("--passes", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="bandwidth/decode rounds")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens decoded per round")
     args = parser.parse_args()
 
     data = np.ones(args.megabytes * (1 << 20) // 4, dtype=np.float32)
-    kernels = {"sum": np.sum, "dot": lambda part: np.dot(part, part)}  # a BLAS streaming read
-    results = {}
-    for threads in sorted({1, available_cores()}):
-        for name, reduce in kernels.items():
-            gbps = read_gbps(data, threads, args.passes, reduce)
-            results[f"{name}, {threads} thread(s)"] = gbps
-            print(f"{name:>4}, {threads} thread(s): {gbps:6.1f} GB/s")
+    results = bandwidths(data, args.passes, echo=True)
     best = max(results.values())
     print(f"bandwidth: {best:.1f} GB/s (the best of the above)")
-    if args.model:
-        config = json.loads((args.model / "config.json").read_text())
-        weights = decode_bytes(config)
-        print(
-            f"decode reads {weights / 1e6:.0f} MB of float32 weights per token: ceiling "
-            f"{best * 1e9 / weights:.1f} tokens/s"
-        )
+    folder = args.decode or args.model
+    if folder is None:
+        return
+    weights = decode_bytes(json.loads((folder / "config.json").read_text()))
+    print(
+        f"decode reads {weights / 1e6:.0f} MB of float32 weights per token: ceiling "
+        f"{best * 1e9 / weights:.1f} tokens/s"
+    )
+    if args.decode is None:
+        return
+    model, processor = load(args.decode)
+    decode_tps(model, processor, 8)  # warm-up: first-call costs out of the rounds
+    shares = []
+    print("| round | bandwidth GB/s | ceiling tok/s | decode tok/s | share |")
+    print("|---|---|---|---|---|")
+    for round_ in range(1, args.rounds + 1):
+        gbps = max(bandwidths(data, args.passes, echo=False).values())
+        ceiling = gbps * 1e9 / weights
+        tps = decode_tps(model, processor, args.tokens)
+        shares.append(tps / ceiling)
+        print(f"| {round_} | {gbps:.1f} | {ceiling:.1f} | {tps:.1f} | {tps / ceiling:.0%} |")
+    print(f"decode at {statistics.median(shares):.0%} of the bandwidth ceiling (median)")
 
 
 if __name__ == "__main__":

@@ -256,7 +256,9 @@ def _attention(attn: Any, w: LayerWeights, x: np.ndarray, cache: HostKVCache) ->
 
 
 def _mlp(w: LayerWeights, x: np.ndarray) -> np.ndarray:
-    gate, up = np.split(_linear(x, w.gate_up), 2)
+    gate_up = _linear(x, w.gate_up)
+    half = gate_up.shape[0] // 2  # slices: np.split costs more than the SiLU
+    gate, up = gate_up[:half], gate_up[half:]
     silu = gate * (np.float32(0.5) + np.float32(0.5) * np.tanh(np.float32(0.5) * gate))
     return _linear(silu * up, w.down)
 
