@@ -14,6 +14,7 @@ import mlx.nn as nn
 from huggingface_hub import HfApi, constants, snapshot_download
 from mlx.utils import tree_flatten
 
+from .backends.cpu import warm
 from .model import Model, ModelConfig
 from .model import load_config as read_config
 from .processing import Processor
@@ -252,7 +253,8 @@ def load(
     """Load a SmolVLM checkpoint (local dir or Hub id) and its processor: `(model, processor)`.
 
     With `adapter_path`, the model defaults to the adapters' recorded base model and the
-    processor's image defaults become those the adapters were trained with.
+    processor's image defaults become those the adapters were trained with. Unless `lazy`, the
+    backend's one-time work on the weights is done here (`backends.cpu.warm`).
     """
     accepted = ["adapter_path", "dtype", "lazy", "revision"]
     check_keywords(
@@ -265,6 +267,7 @@ def load(
         apply_adapters(model, adapter_path)
     if not lazy:
         mx.eval(model.parameters())
+        warm(model)  # what the backend would do at the first prompt, done now
     processor = Processor.from_pretrained(model_path, **processor_kwargs)
     apply_image_settings(processor.image_processor, settings)
     return model, processor

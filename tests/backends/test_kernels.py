@@ -292,6 +292,34 @@ def test_host_decode_stacks_projections_in_place_of_their_weights(tmp_path):
     assert np.array_equal(restacked[q.shape[0] : q.shape[0] + k.shape[0]], k * 2)
 
 
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the host decoder is the CPU's")
+def test_warm_stacks_at_load_without_swapping_modules(monkeypatch):
+    """load() stacks the projections (warm) so the first answer need not; it swaps nothing, so a
+    loaded model can still be adapted and trained; a bf16 model or the pure-MLX path is left
+    alone."""
+    model = tiny_model()
+    cpu.warm(model)
+    attn = model.language_model.layers[0].self_attn
+    assert type(model.language_model) is cpu.BASE[cpu.HostLanguageModel]
+    assert type(attn) is cpu.BASE[cpu.HostAttention]
+    stacked = attn.__dict__["stacked_q_proj_k_proj_v_proj"]
+    host = cpu.prepare(model)
+    host.language_model.make_cache()  # the views of the stacked buffer already made
+    assert (
+        host.language_model.layers[0].self_attn.__dict__["stacked_q_proj_k_proj_v_proj"] is stacked
+    )
+    for setup in ("bf16", "pure"):
+        other = tiny_model()
+        if setup == "bf16":
+            other.set_dtype(mx.bfloat16)
+        else:
+            monkeypatch.setenv("MLX_SMOLVLM_HOST_KERNELS", "0")
+        cpu.warm(other)
+        assert (
+            "stacked_q_proj_k_proj_v_proj" not in other.language_model.layers[0].self_attn.__dict__
+        )
+
+
 @pytest.mark.parametrize("tie, bias", [(False, False), (True, True)])
 def test_host_decode_matches_mlx_across_cache_growth(tie, bias, monkeypatch):
     # 250 + 20 tokens crosses the 256-position growth step of the KV caches.

@@ -61,6 +61,19 @@ def test_greedy_tokens_match_transformers_generate(checkpoint, loaded):
     assert len(ref_tokens) == 32  # random weights rarely pick the stop token
 
 
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the host decoder is the CPU's")
+def test_load_does_the_host_decoders_one_time_stacking(checkpoint):
+    model, _ = load(checkpoint[0])
+    for layer in model.language_model.layers:
+        assert "stacked_q_proj_k_proj_v_proj" in layer.self_attn.__dict__
+        assert "stacked_gate_proj_up_proj" in layer.mlp.__dict__
+    assert (
+        not load(checkpoint[0], lazy=True)[0]
+        .language_model.layers[0]
+        .self_attn.__dict__.get("stacked_q_proj_k_proj_v_proj")
+    )
+
+
 def test_generate_result_fields_and_determinism(loaded):
     model, processor = loaded
     first = generate(model, processor, "Describe.", picture(300, 300), max_tokens=8)
