@@ -422,6 +422,30 @@ def cpuinfo(flags: str) -> str:
     return f"processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 {flags}\n\n"
 
 
+def test_torch_binds_its_libraries_before_the_global_openblas():
+    """Loaded after a global OpenBLAS, torch's BLAS calls bind to it and its CPU attention runs
+    ~18x slower: where torch is installed, it is imported before OpenBLAS is loaded."""
+    pytest.importorskip("torch")
+    if not ctypes.util.find_library("openblas"):
+        pytest.skip("no OpenBLAS installed")
+    spy = """
+import ctypes, sys
+seen = []
+class Spy(ctypes.CDLL):
+    def __init__(self, name, *args, **kwargs):
+        if "openblas" in str(name):
+            seen.append("torch" in sys.modules)
+        super().__init__(name, *args, **kwargs)
+ctypes.CDLL = Spy
+import mlx_smolvlm
+print(seen)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_SMOLVLM")}
+    run = subprocess.run([sys.executable, "-c", spy], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[True]"
+
+
 def test_openblas_kernels_follow_the_cpu_flags_not_its_model():
     from mlx_smolvlm.backends import blas
 
