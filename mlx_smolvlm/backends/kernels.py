@@ -91,7 +91,9 @@ def host_view(x: mx.array) -> np.ndarray:
 
 
 def _additive_mask(mask: Any, queries: int, keys: int) -> np.ndarray | None:
-    """`mask` (None, "causal", boolean or additive array) as float32 (batch, 1|queries, keys)."""
+    """`mask` (None, "causal", boolean or additive array) as float32 (batch, 1|queries, keys).
+    An array broadcasts as MLX's attention broadcasts it: (queries, keys) from a bounded
+    (rotating) KV cache's window, (batch, 1, queries, keys) from padded batches."""
     if mask is None:
         return None
     if isinstance(mask, str):
@@ -101,6 +103,8 @@ def _additive_mask(mask: Any, queries: int, keys: int) -> np.ndarray | None:
         visible = np.arange(keys)[None, :] <= np.arange(queries)[:, None] + offset
         return np.where(visible, 0.0, -np.inf).astype(np.float32)[None]
     mask = np.asarray(mask)
+    if mask.ndim < 4:
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
     if mask.ndim != 4 or mask.shape[1] != 1:
         raise ValueError(f"attention mask must be (batch, 1, queries, keys), got {mask.shape}")
     if mask.dtype == np.bool_:

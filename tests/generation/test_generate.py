@@ -178,6 +178,18 @@ def test_bounded_and_quantized_kv_cache_generate(loaded):
         generate(model, processor, "Describe.", image, max_tokens=6, max_kv_size=50, **one_tile)
 
 
+def test_prompt_longer_than_a_bounded_kv_cache(loaded, monkeypatch):
+    """max_kv_size below the prompt's length: the rotating cache's window mask (a 2-D array)
+    reaches the host attention, which computes what MLX's does."""
+    model, processor = loaded
+    prompt = " ".join(["lighthouse keeper"] * 150)
+    kwargs = {"max_tokens": 8, "max_kv_size": 128, "prefill_step_size": 64}
+    host = generate(model, processor, prompt, **kwargs)
+    assert host.prompt_tokens > 128 and host.generation_tokens >= 1
+    monkeypatch.setenv("MLX_SMOLVLM_HOST_KERNELS", "0")
+    assert generate(model, processor, prompt, **kwargs).token_ids == host.token_ids
+
+
 def run_cli(module: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     return subprocess.run(
