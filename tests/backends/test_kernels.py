@@ -114,6 +114,25 @@ def test_gelu_matches_mlx_and_never_writes_its_input():
     assert np.array_equal(np.array(x), before)
 
 
+@pytest.mark.parametrize("magnitude", [1.0, 40.0])
+def test_softmax_without_shift_only_where_scores_are_safe(monkeypatch, magnitude):
+    """Small scores skip the shift by the row maxima, large ones (|q||k| past SAFE_SCORE) keep
+    it: both give MLX's attention, and never inf or NaN."""
+    q, k, v = (mx.random.normal((1, 4, 300, 32), key=mx.random.key(i)) for i in range(3))
+    q, k = q * magnitude, k * magnitude
+    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=32**-0.5)
+    shifted = []
+    norm = kernels._largest_norm
+    monkeypatch.setattr(kernels, "_largest_norm", lambda x: shifted.append(1) or norm(x))
+    got = host_attention(q, k, v, 32**-0.5)
+    assert np.isfinite(np.array(got)).all()
+    np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-4, atol=1e-5)
+    largest = float(
+        mx.sqrt((q * 32**-0.5).square().sum(-1)).max() * mx.sqrt(k.square().sum(-1)).max()
+    )
+    assert (largest < kernels.SAFE_SCORE) == (magnitude == 1.0) and shifted
+
+
 def test_host_views_are_read_only():
     x = mx.arange(4, dtype=mx.float32)
     with pytest.raises(ValueError, match="read-only"):
