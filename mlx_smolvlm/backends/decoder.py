@@ -185,8 +185,9 @@ def _stacked(owner: nn.Module, names: tuple[str, ...]) -> tuple[np.ndarray, np.n
             start += rows
         mx.eval(stacked, [linear.weight for linear in linears])
         owner.__dict__[key] = stacked  # an attribute, not a parameter: held for the views
-    biases = [host_view(linear.bias) for linear in linears if "bias" in linear]
-    return host_view(stacked), np.concatenate(biases) if biases else None
+    if "bias" not in linears[0]:  # the layers of a group have biases all or none
+        return host_view(stacked), None
+    return host_view(stacked), np.concatenate([host_view(linear.bias) for linear in linears])
 
 
 def _slices_of(stacked: mx.array, weights: list[mx.array]) -> bool:

@@ -156,6 +156,10 @@ def attention_into(
     # else a task is one block.
     per_head = batch * kv_heads >= 2 * _threads()
 
+    def key_norm_of(keys_t: np.ndarray) -> float:
+        """A head's largest key norm; not computed with a mask (the shift is then always made)."""
+        return 0.0 if bias is not None else _largest_norm(keys_t.T)
+
     def attend(
         b: int, g: int, block: int, keys_t: np.ndarray, values: np.ndarray, key_norm: float
     ) -> None:
@@ -187,14 +191,14 @@ def attention_into(
             b, g = divmod(i, kv_heads)
             keys_t = np.ascontiguousarray(head(k, b, g, 1).T)
             values = np.ascontiguousarray(head(v, b, g, 2))
-            key_norm = _largest_norm(keys_t.T)
+            key_norm = key_norm_of(keys_t)
             for block in range(blocks):
                 attend(b, g, block, keys_t, values, key_norm)
         else:
             b, rest = divmod(i, kv_heads * blocks)
             g, block = divmod(rest, blocks)
             keys_t = head(k, b, g, 1).T
-            attend(b, g, block, keys_t, head(v, b, g, 2), _largest_norm(keys_t.T))
+            attend(b, g, block, keys_t, head(v, b, g, 2), key_norm_of(keys_t))
 
     run_tasks(task, batch * kv_heads * (1 if per_head else blocks))
 

@@ -197,17 +197,17 @@ def stream_generate(
         kv_bits=kv_bits,
     )
     history = mx.array(new_ids)
-    # The processors (repetition penalty) see the prompt before the tokens generated.
-    processors = [partial(_with_history, history, p) for p in processors]
     first = prefill(
         model.language_model,
         embeddings,
         cache,
         prefill_step_size,
-        lambda logits: _sample(sampler, processors, mx.array([], history.dtype), logits),
+        partial(_sample, sampler, processors, history),
         quantize,
         progress and partial(progress, "prefill"),
     )
+    # The processors (repetition penalty) see the prompt before the tokens generated.
+    processors = [partial(_with_history, history, p) for p in processors]
     steps = generate_step(
         mx.array([first]),
         model.language_model,
