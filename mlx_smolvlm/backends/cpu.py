@@ -17,7 +17,6 @@ prepared module that is put in training mode runs the MLX code of its base class
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import mlx.core as mx
@@ -96,7 +95,7 @@ def host_kernels_apply(modules: list[nn.Module]) -> bool:
     weights (quantized ones too), not turned off with MLX_SMOLVLM_HOST_KERNELS=0."""
     return (
         mx.default_device() == mx.cpu
-        and os.environ.get("MLX_SMOLVLM_HOST_KERNELS") != "0"
+        and blas.host_kernels_wanted()
         and all(
             v.dtype == mx.float32
             for module in modules

@@ -465,6 +465,41 @@ print(seen)
     assert run.stdout.strip() == "[True]"
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="MLX uses Accelerate on macOS")
+def test_openblas_threads_sleep_only_where_the_host_kernels_run():
+    if not ctypes.util.find_library("openblas"):
+        pytest.skip("no OpenBLAS installed")
+    spy = """
+import ctypes, os
+seen = []
+class Spy(ctypes.CDLL):
+    def __init__(self, name, *args, **kwargs):
+        if "openblas" in str(name):
+            seen.append(os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
+        super().__init__(name, *args, **kwargs)
+ctypes.CDLL = Spy
+import mlx_smolvlm
+print(seen, os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
+"""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MLX_SMOLVLM") and k != "OPENBLAS_THREAD_TIMEOUT"
+    }
+
+    def timeout_at_load(**extra: str) -> str:
+        run = subprocess.run(
+            [sys.executable, "-c", spy], capture_output=True, text=True, env={**env, **extra}
+        )
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip()
+
+    assert timeout_at_load() == "['4'] None"  # sleeping threads, not left in the environment
+    # The pure-MLX path decodes through MLX's BLAS: OpenBLAS's spinning default is kept.
+    assert timeout_at_load(MLX_SMOLVLM_HOST_KERNELS="0") == "[None] None"
+    assert timeout_at_load(OPENBLAS_THREAD_TIMEOUT="10") == "['10'] 10"  # the user's wins
+
+
 def test_openblas_kernels_follow_the_cpu_flags_not_its_model():
     from mlx_smolvlm.backends import blas
 
