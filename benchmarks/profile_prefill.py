@@ -5,6 +5,12 @@ Each stage is evaluated before the next starts (so its time is its own); the tra
 time spent handing MLX arrays to numpy (`host_view`, which evaluates and maps) and numpy
 results back to MLX, measured inside the other stages. `--profile` adds cProfile's top entries.
 
+It ends with the arithmetic floor of that prefill: the floating-point operations of its matrix
+products (counted from the config, the tiles and the prompt's length), over the best float32
+GFLOP/s any BLAS here reaches on the vision tower's largest product (`bench_blas.py`: MLX's
+OpenBLAS, numpy's, torch's MKL; each in a fresh process, best of five). No float32
+implementation can reach the first token sooner on this machine.
+
     python benchmarks/profile_prefill.py --model CHECKPOINT --image-size 1024x768
 """
 
@@ -12,11 +18,15 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+# bench_blas: this folder's, on the path when the script runs.
+from bench_blas import measure
 
 # mlx_smolvlm first: it loads the optimized BLAS, which must precede mlx.core's import.
 from mlx_smolvlm import load
@@ -67,7 +77,8 @@ def stage(name: str, work, *args, **kwargs):
     return out
 
 
-def prefill(model, processor, image: Path, chunk: int, step: int) -> None:
+def prefill(model, processor, image: Path, chunk: int, step: int) -> tuple[int, int]:
+    """Run one image prompt's prefill stage by stage; return its tokens and tiles."""
     inputs = stage("processor", lambda: prepare_inputs(processor, PROMPT, [str(image)]))
     tiles = stage(
         "pixels -> MLX",
@@ -90,8 +101,45 @@ def prefill(model, processor, image: Path, chunk: int, step: int) -> None:
     cache = lm.make_cache()
     for start in range(0, len(ids), step):
         part = embeddings[:, start : start + step]
-        logits = stage("language-model prefill", lm, None, cache, input_embeddings=part)
-    return len(ids), logits
+        hidden = stage("language-model prefill", lm.hidden_states, None, cache, part)
+    stage("language-model prefill", lm.logits, hidden[:, -1:])  # the last position's, as generating
+    return len(ids), tiles["pixels"].shape[0]
+
+
+def prefill_flops(config, tiles: int, tokens: int) -> dict[str, float]:
+    """Floating-point operations of the prefill's matrix products (2 per multiply-add), by
+    stage, for `tiles` tiles and a `tokens`-token prompt; elementwise work is not counted."""
+    vision, text = config.vision_config, config.text_config
+    patches, h, i = vision.patches_per_side**2, vision.hidden_size, vision.intermediate_size
+    embed = 2 * patches * vision.num_channels * vision.patch_size**2 * h
+    layer = 2 * patches * (4 * h * h + 2 * h * i) + 4 * patches * patches * h  # + q.k, p.v
+    features = config.image_seq_len
+    connector = 2 * features * h * config.scale_factor**2 * text.hidden_size
+    d, heads, kv = text.hidden_size, text.num_attention_heads, text.num_key_value_heads
+    projections = 2 * d * heads * text.head_dim + 2 * d * kv * text.head_dim
+    per_token = 2 * (projections + 3 * d * text.intermediate_size)
+    causal = 4 * heads * text.head_dim * tokens * (tokens + 1) / 2  # q.k and p.v, causal
+    return {
+        "vision tower": tiles * (embed + vision.num_hidden_layers * layer),
+        "connector": tiles * connector,
+        "language-model prefill": text.num_hidden_layers * (tokens * per_token + causal)
+        + 2 * text.vocab_size * d,  # the last position's logits
+    }
+
+
+def best_gflops(config, tiles: int) -> tuple[float, str]:
+    """The best float32 GFLOP/s of the BLAS libraries here on the tower's largest product."""
+    vision = config.vision_config
+    shape = (tiles * vision.patches_per_side**2, vision.hidden_size, vision.intermediate_size)
+    print(f"best float32 product here ({'x'.join(map(str, shape))}, out x in x hidden):")
+    best, name = 0.0, "none"
+    for which in ("mlx", "numpy", "torch"):
+        line = measure(which, shape, dict(os.environ))
+        print(f"  {line}")
+        words = line.rsplit(" ", 2)
+        if len(words) == 3 and words[2] == "GFLOP/s" and float(words[1]) > best:
+            best, name = float(words[1]), line.split(":")[0]
+    return best, name
 
 
 def main() -> None:
@@ -118,7 +166,7 @@ def main() -> None:
         start = time.perf_counter()
         if profiler:
             profiler.enable()
-        tokens, _ = prefill(model, processor, image, args.vision_chunk, args.prefill_step)
+        tokens, tiles = prefill(model, processor, image, args.vision_chunk, args.prefill_step)
         if profiler:
             profiler.disable()
         total = time.perf_counter() - start
@@ -127,6 +175,16 @@ def main() -> None:
         print(f"{name:>32}: {seconds:7.2f} s  {seconds / total:5.1%}")
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    flops = prefill_flops(model.config, tiles, tokens)
+    print(f"matrix products of this prefill ({tiles} tiles, {tokens} tokens):")
+    for name, count in flops.items():
+        print(f"{name:>32}: {count / 1e12:7.3f} TFLOP")
+    gflops, library = best_gflops(model.config, tiles)
+    floor = sum(flops.values()) / (gflops * 1e9)
+    print(
+        f"arithmetic floor: {sum(flops.values()) / 1e12:.2f} TFLOP at {gflops:.0f} GFLOP/s "
+        f"({library}) = {floor:.2f} s to the first token, for any float32 implementation here"
+    )
 
 
 if __name__ == "__main__":

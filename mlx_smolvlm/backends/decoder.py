@@ -126,30 +126,58 @@ def _inverse_frequencies(dims: int, base: float) -> np.ndarray:
 
 
 @lru_cache(maxsize=4)
-def _rotation(position: int, dims: int, base: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of a position's rotary angles (every layer of a step asks the same)."""
+def _rotation(
+    position: int, dims: int, base: float, heads: int, kv_heads: int, scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The cos and signed sin tables (heads + kv_heads, dims) that rotate a position's queries
+    and keys (rotate-half layout, no scaling), the queries' rows times the attention's scale.
+    Every layer of a step asks the same: made once a step, they cut the rotation to two
+    products and an add (from seven operations)."""
     angles = np.float32(position) * _inverse_frequencies(dims, base)
-    return np.cos(angles), np.sin(angles)
+    cos, sin = np.cos(angles), np.sin(angles)
+    rows = np.ones((heads + kv_heads, 1), np.float32)
+    rows[:heads] = np.float32(scale)
+    return rows * np.concatenate([cos, cos]), rows * np.concatenate([-sin, sin])
 
 
-def _rope(x: np.ndarray, position: int, base: float) -> np.ndarray:
-    """Rotate (heads, dims) by `position` (rotate-half layout, no scaling)."""
+def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate (rows, dims) by the tables of `_rotation`: x cos + rotate_half(x) sin, where
+    rotate_half swaps the two halves (the sign is in the sin table)."""
     half = x.shape[-1] // 2
-    cos, sin = _rotation(position, x.shape[-1], base)
-    first, second = x[:, :half], x[:, half:]
-    return np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    swapped = x.reshape(-1, 2, half)[:, ::-1].reshape(x.shape)  # one copy
+    rotated = x * cos
+    rotated += swapped * sin
+    return rotated
+
+
+# numpy's OpenBLAS (0.3.31) runs a matrix-vector product on one thread below this many
+# matrix elements: SmolVLM-256M's 576x576 output projection streamed at half the speed of the
+# other products (~95 us of a layer's ~700). Padded with zero rows up to it, it runs on every
+# thread: ~0.8 ms a step faster for 516 KB of zeros a layer. Matrices under two thirds of it
+# are left as they are (more zeros than the second thread gains; tiny test models).
+THREADED_GEMV = 460_800
+
+
+class Projection(NamedTuple):
+    """A step's matrix-vector product: the matrix (the weights of one or more linear layers
+    stacked, with zero rows below them where that makes BLAS use every thread), the biases
+    (None when absent), and how many of the matrix's rows are the layers'."""
+
+    matrix: np.ndarray
+    bias: np.ndarray | None
+    rows: int
 
 
 class LayerWeights(NamedTuple):
-    """One decoder layer's weights as read-only numpy views (biases None when absent): the
-    q/k/v projections stacked in one matrix, the gate and up projections in another."""
+    """One decoder layer's weights as read-only numpy views: the q/k/v projections stacked in
+    one matrix, the gate and up projections in another."""
 
     input_norm: np.ndarray
-    qkv: tuple
-    o: tuple
+    qkv: Projection
+    o: Projection
     post_norm: np.ndarray
-    gate_up: tuple
-    down: tuple
+    gate_up: Projection
+    down: Projection
 
 
 class Weights(NamedTuple):
@@ -162,37 +190,44 @@ class Weights(NamedTuple):
     embed: np.ndarray
 
 
-def _pair(linear: nn.Linear) -> tuple[np.ndarray, np.ndarray | None]:
-    return host_view(linear.weight), host_view(linear.bias) if "bias" in linear else None
-
-
-def _stacked(owner: nn.Module, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+def _stacked(owner: nn.Module, names: tuple[str, ...]) -> Projection:
     """The weights of `owner`'s linear layers `names` as one matrix (and their biases as one
     vector), so that a step makes one matrix-vector product where it made several: each costs
     a wake-up of every BLAS thread, and a larger one streams closer to the memory's speed (a
     step ~7 % faster). The matrix is one MLX buffer whose row slices become the layers'
-    weights (MLX slices share their array's memory): the same values, no second copy. It is
-    made again when the weights are no longer its slices (loaded or updated since)."""
+    weights (MLX slices share their array's memory): the same values, no second copy, and
+    zero rows below them up to THREADED_GEMV elements. It is made again when the weights are
+    no longer its slices (loaded or updated since)."""
     linears = [getattr(owner, name) for name in names]
+    weights = [linear.weight for linear in linears]
+    rows, columns = sum(w.shape[0] for w in weights), weights[0].shape[1]
+    padding = max(0, -(-THREADED_GEMV // columns) - rows)
+    if 3 * rows * columns < 2 * THREADED_GEMV:
+        padding = 0
+    bias = None  # the layers of a group have biases all or none
+    if "bias" in linears[0]:
+        bias = np.concatenate([host_view(linear.bias) for linear in linears])
+    if len(weights) == 1 and not padding:
+        return Projection(host_view(weights[0]), bias, rows)  # as it is
     key = "stacked_" + "_".join(names)
     stacked = owner.__dict__.get(key)
-    if stacked is None or not _slices_of(stacked, [linear.weight for linear in linears]):
-        stacked = mx.concatenate([linear.weight for linear in linears])
+    if stacked is None or not _slices_of(stacked, weights, padding):
+        zeros = [mx.zeros((padding, columns), weights[0].dtype)] if padding else []
+        stacked = mx.concatenate(weights + zeros)
         start = 0
         for linear in linears:
-            rows = linear.weight.shape[0]
-            linear.weight = stacked[start : start + rows]
-            start += rows
+            end = start + linear.weight.shape[0]
+            linear.weight = stacked[start:end]
+            start = end
         mx.eval(stacked, [linear.weight for linear in linears])
         owner.__dict__[key] = stacked  # an attribute, not a parameter: held for the views
-    if "bias" not in linears[0]:  # the layers of a group have biases all or none
-        return host_view(stacked), None
-    return host_view(stacked), np.concatenate([host_view(linear.bias) for linear in linears])
+    return Projection(host_view(stacked), bias, rows)
 
 
-def _slices_of(stacked: mx.array, weights: list[mx.array]) -> bool:
-    """Whether `weights` are consecutive row slices of `stacked`'s memory."""
-    if sum(w.shape[0] for w in weights) != stacked.shape[0]:
+def _slices_of(stacked: mx.array, weights: list[mx.array], padding: int) -> bool:
+    """Whether `weights` are consecutive row slices of `stacked`'s memory, `padding` rows
+    after them."""
+    if sum(w.shape[0] for w in weights) + padding != stacked.shape[0]:
         return False
     address = host_view(stacked).ctypes.data
     for weight in weights:
@@ -209,10 +244,10 @@ def views(model: LanguageModel) -> Weights:
         LayerWeights(
             host_view(layer.input_layernorm.weight),
             _stacked(layer.self_attn, ("q_proj", "k_proj", "v_proj")),
-            _pair(layer.self_attn.o_proj),
+            _stacked(layer.self_attn, ("o_proj",)),
             host_view(layer.post_attention_layernorm.weight),
             _stacked(layer.mlp, ("gate_proj", "up_proj")),
-            _pair(layer.mlp.down_proj),
+            _stacked(layer.mlp, ("down_proj",)),
         )
         for layer in model.layers
     ]
@@ -230,24 +265,26 @@ def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x * (np.float32(1.0) / np.sqrt(mean_square + np.float32(eps))) * weight
 
 
-def _linear(x: np.ndarray, linear: tuple) -> np.ndarray:
-    weight, bias = linear
-    out = weight @ x
-    return out if bias is None else out + bias
+def _linear(x: np.ndarray, projection: Projection) -> np.ndarray:
+    out = projection.matrix @ x
+    if projection.rows < out.shape[0]:
+        out = out[: projection.rows]  # the zero rows' products
+    return out if projection.bias is None else out + projection.bias
 
 
 def _attention(attn: Any, w: LayerWeights, x: np.ndarray, cache: HostKVCache) -> np.ndarray:
     head_dim = attn.rope.dims
     heads, kv_heads = attn.n_heads, attn.n_kv_heads
     qkv = _linear(x, w.qkv).reshape(heads + 2 * kv_heads, head_dim)
-    rotated = _rope(qkv[: heads + kv_heads], cache.offset, attn.rope.base)  # queries and keys
+    tables = _rotation(cache.offset, head_dim, attn.rope.base, heads, kv_heads, attn.scale)
+    rotated = _rope(qkv[: heads + kv_heads], *tables)  # queries (scaled) and keys
     keys, values = cache.append(rotated[heads:, None], qkv[heads + kv_heads :, None])
     group = heads // kv_heads
     # Keys times contiguous queries, (kv_heads, length, dims) @ (kv_heads, dims, group): the
     # cached keys stream through BLAS as a plain product (queries times transposed keys runs
     # ~5x slower for so few queries). The scores are then laid out with length last, so that
     # the softmax reductions run along contiguous memory.
-    grouped = (rotated[:heads] * np.float32(attn.scale)).reshape(kv_heads, group, head_dim)
+    grouped = rotated[:heads].reshape(kv_heads, group, head_dim)
     scores = np.matmul(keys, grouped.transpose(0, 2, 1).copy()).transpose(0, 2, 1).copy()
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
@@ -270,11 +307,11 @@ def decode_step(
     embedding: Any,
     cache: list[HostKVCache],
     weights: Weights | None = None,
-) -> mx.array:
-    """Logits (1, 1, vocab) for one new token (or input embedding), appending to `cache`;
+) -> np.ndarray:
+    """The (vocab,) logits of one new token (or input embedding), appending to `cache`;
     `weights` are `views(model)`, made here when not given.
 
-    numpy's BLAS runs on the threads `threads.decide` left to host work: a step makes ~200
+    numpy's BLAS runs on the threads `threads.decide` left to host work: a step makes ~120
     small products, each waiting for all BLAS threads, so a descheduled one stalls it."""
     weights = weights or views(model)
     if embedding is None:
@@ -287,5 +324,4 @@ def decode_step(
         for w, layer_cache in zip(weights.layers, cache):
             x = x + _attention(attn, w, _rms_norm(x, w.input_norm, eps), layer_cache)
             x = x + _mlp(w, _rms_norm(x, w.post_norm, eps))
-        logits = weights.head @ _rms_norm(x, weights.norm, eps)
-    return mx.array(logits[None, None])
+        return weights.head @ _rms_norm(x, weights.norm, eps)

@@ -1,9 +1,11 @@
 """Text generation about images: `stream_generate`, `generate` and the inputs they build.
 
 The token loop is mlx-lm's `generate_step` (asynchronous decode, its samplers and logits
-processors). What is SmolVLM-specific lives here: turning a prompt and images into input
-embeddings once, prefilling them in one pass (`prefill`), and reusing a conversation's KV cache
-so that a new turn prefills only its new tokens and new images.
+processors); greedy decoding on the CPU backend's host decoder takes that backend's loop of
+numpy steps (`backends.cpu.greedy_tokens`). What is SmolVLM-specific lives here: turning a
+prompt and images into input embeddings once, prefilling them in one pass (`prefill`), and
+reusing a conversation's KV cache so that a new turn prefills only its new tokens and new
+images.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step, generation_stream, maybe_quantize_kv_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from ..backends.cpu import prepare
+from ..backends.cpu import greedy_tokens, prepare
 from ..model import Model
 from ..processing.messages import prompt_messages
 from ..utils.validation import (
@@ -208,7 +210,9 @@ def stream_generate(
     )
     # The processors (repetition penalty) see the prompt before the tokens generated.
     processors = [partial(_with_history, history, p) for p in processors]
-    steps = generate_step(
+    greedy = temperature == 0 and not processors
+    host = greedy and greedy_tokens(model.language_model, first, cache, max_tokens - 1)
+    steps = ((token, None) for token in host) if host else generate_step(
         mx.array([first]),
         model.language_model,
         max_tokens=max_tokens - 1,
@@ -218,7 +222,7 @@ def stream_generate(
         kv_bits=kv_bits,
         kv_group_size=kv_group_size,
         quantized_kv_start=0,
-    )
+    )  # fmt: skip
     steps = chain([(first, None)], steps if max_tokens > 1 else [])
     result = GenerationResult(prompt_tokens=len(new_ids), notice=notice)
     decode_start = start

@@ -13,7 +13,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_smolvlm.backends import cpu, kernels
+from mlx_smolvlm.backends import cpu, decoder, kernels
 from mlx_smolvlm.backends import vision as vision_backend
 from mlx_smolvlm.backends.decoder import HostKVCache, decode_step
 from mlx_smolvlm.backends.kernels import (
@@ -240,14 +240,14 @@ def test_host_vision_tower_matches_mlx_and_leaves_weights_alone(monkeypatch, pad
 # --- the numpy decode step -------------------------------------------------------------------
 
 
-def tiny_decoder(tie: bool, bias: bool = False):
+def tiny_decoder(tie: bool, bias: bool = False, **text):
     from reference import tiny_config
 
     from mlx_smolvlm.model.config import ModelConfig
     from mlx_smolvlm.model.language import LanguageModel
 
     config = ModelConfig.from_dict(
-        tiny_config(tie_word_embeddings=tie, attention_bias=bias, mlp_bias=bias)
+        tiny_config(tie_word_embeddings=tie, attention_bias=bias, mlp_bias=bias, **text)
     ).text_config
     model = LanguageModel(config)
     mx.random.seed(3)
@@ -309,6 +309,35 @@ def test_host_decode_stacks_projections_in_place_of_their_weights(tmp_path):
     host.make_cache()
     restacked = host_view(attn.__dict__["stacked_q_proj_k_proj_v_proj"])
     assert np.array_equal(restacked[q.shape[0] : q.shape[0] + k.shape[0]], k * 2)
+
+
+def test_host_decode_pads_a_small_projection_with_zero_rows(tmp_path):
+    """SmolVLM-256M's 576x576 output projection is read from a buffer with zero rows below its
+    weights (so that numpy's OpenBLAS runs it on every thread): its weight is a slice of that
+    buffer, parameters and checkpoints unchanged, the decode the same as MLX's."""
+    model = tiny_decoder(
+        tie=True, hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+        intermediate_size=1536,
+    )  # fmt: skip
+    weights = {k: np.array(v) for k, v in nn.utils.tree_flatten(model.parameters())}
+    expected = decode(model, model.make_cache(), 4)
+    host = cpu.prepare(model)
+    got = decode(host, host.make_cache(), 4)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    attn = host.layers[0].self_attn
+    padded = host_view(attn.__dict__["stacked_o_proj"])
+    o = host_view(attn.o_proj.weight)
+    assert o.shape == (576, 576) and o.ctypes.data == padded.ctypes.data
+    assert padded.shape == (decoder.THREADED_GEMV // 576, 576)
+    assert np.array_equal(padded[:576], weights["layers.0.self_attn.o_proj.weight"])
+    assert not padded[576:].any()
+    assert "stacked_down_proj" not in host.layers[0].mlp.__dict__  # large enough as it is
+    host.save_weights(str(tmp_path / "w.safetensors"))
+    saved = mx.load(str(tmp_path / "w.safetensors"))
+    assert set(saved) == set(weights)
+    for name, value in saved.items():
+        assert value.shape == weights[name].shape and np.array_equal(value, weights[name]), name
 
 
 @pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the host decoder is the CPU's")

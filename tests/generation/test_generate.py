@@ -163,6 +163,46 @@ def test_one_pass_prefill_gives_mlx_lm_generate_step_tokens(loaded, sampling):
     assert result.token_ids == reference[:ended]
 
 
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the host decoder is the CPU's")
+def test_greedy_decoding_on_the_host_gives_generate_steps_tokens(loaded, monkeypatch):
+    """Greedy decoding on the host decoder takes its own loop of numpy steps (no MLX
+    log-softmax): the tokens and the reusable cache are those of mlx-lm's generate_step, which a
+    logits processor (a repetition penalty of 1, which changes no logit) still takes."""
+    from mlx_smolvlm.backends import cpu
+
+    model, processor = loaded
+    image = picture(300, 300)
+    loops = []
+    host_loop = cpu.HostLanguageModel.greedy_tokens
+    monkeypatch.setattr(
+        cpu.HostLanguageModel, "greedy_tokens", lambda *a: loops.append(1) or host_loop(*a)
+    )
+    caches = PromptCache(model), PromptCache(model)
+    host = generate(model, processor, "Describe.", image, max_tokens=16, prompt_cache=caches[0])
+    assert loops == [1]
+    mlx_lm = generate(
+        model, processor, "Describe.", image, max_tokens=16, prompt_cache=caches[1],
+        repetition_penalty=1.0,
+    )  # fmt: skip
+    assert loops == [1] and host.generation_tokens == 16
+    assert host.token_ids == mlx_lm.token_ids and host.text == mlx_lm.text
+    # Each cache remembers the tokens it holds (the two loops leave it one position apart): a
+    # follow-up turn on either reuses it, with the same answer.
+    follow = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}
+    ]
+    turns = [
+        generate(model, processor, follow, image, max_tokens=4, prompt_cache=cache)
+        for cache in caches
+    ]
+    assert turns[0].token_ids == turns[1].token_ids
+    assert turns[0].prompt_tokens == turns[1].prompt_tokens < host.prompt_tokens // 10
+    # Sampling, a repetition penalty or a quantized cache keep mlx-lm's loop.
+    generate(model, processor, "Describe.", image, max_tokens=3, temperature=0.7, seed=1)
+    generate(model, processor, "Describe.", image, max_tokens=3, kv_bits=8)
+    assert loops == [1, 1, 1]  # the two follow-up turns', no others
+
+
 def test_bounded_and_quantized_kv_cache_generate(loaded):
     model, processor = loaded
     image = picture(300, 300)
