@@ -151,6 +151,7 @@ def attention_into(
         return x[b, g] + biases[which][g] if biases else x[b, g]
 
     blocks = math.ceil(queries / QUERY_BLOCK)
+    ones = np.ones(keys, np.float32)
     # With heads enough to share among the threads a task takes a whole head and copies its
     # keys (transposed) and values once (BLAS multiplies contiguous operands ~15% faster);
     # else a task is one block.
@@ -181,9 +182,10 @@ def attention_into(
         if bias is not None or _largest_norm(block_q) * key_norm >= SAFE_SCORE:
             scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
-        # Normalizing the (rows, dims) output costs less than normalizing (rows, keys) scores.
+        # Normalizing the (rows, dims) output costs less than normalizing (rows, keys) scores;
+        # the row sums as a BLAS product with ones take a third of np.sum's time.
         block_out = scores @ values[:visible]
-        block_out /= scores.sum(axis=-1, keepdims=True)
+        block_out /= (scores @ ones[:visible])[..., None]
         out[b, rows, head_range] = block_out.transpose(1, 0, 2)
 
     def task(i: int) -> None:
