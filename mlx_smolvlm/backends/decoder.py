@@ -24,7 +24,7 @@ from mlx_lm.models.cache import KVCache
 
 from ..model.language import LanguageModel
 from . import threads
-from .kernels import blas_threads, host_view
+from .kernels import attention_into, blas_threads, elementwise, host_view, swiglu_into
 
 
 class HostKVCache:
@@ -140,11 +140,24 @@ def _rotation(
     return rows * np.concatenate([cos, cos]), rows * np.concatenate([-sin, sin])
 
 
+def _rotations(
+    start: int, count: int, dims: int, base: float, heads: int, kv_heads: int, scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """`_rotation`'s tables for `count` positions from `start`, (count, heads + kv_heads,
+    dims), made in one pass with the same float32 arithmetic."""
+    positions = np.arange(start, start + count).astype(np.float32)[:, None, None]
+    angles = positions * _inverse_frequencies(dims, base)
+    cos, sin = np.cos(angles), np.sin(angles)
+    rows = np.ones((heads + kv_heads, 1), np.float32)
+    rows[:heads] = np.float32(scale)
+    return rows * np.concatenate([cos, cos], -1), rows * np.concatenate([-sin, sin], -1)
+
+
 def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """Rotate (rows, dims) by the tables of `_rotation`: x cos + rotate_half(x) sin, where
     rotate_half swaps the two halves (the sign is in the sin table)."""
     half = x.shape[-1] // 2
-    swapped = x.reshape(-1, 2, half)[:, ::-1].reshape(x.shape)  # one copy
+    swapped = x.reshape(*x.shape[:-1], 2, half)[..., ::-1, :].reshape(x.shape)  # one copy
     rotated = x * cos
     rotated += swapped * sin
     return rotated
@@ -265,6 +278,20 @@ def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x * (np.float32(1.0) / np.sqrt(mean_square + np.float32(eps))) * weight
 
 
+def _rms_norm_rows(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    mean_square = np.einsum("ij,ij->i", x, x)[:, None] / np.float32(x.shape[-1])
+    return x * (np.float32(1.0) / np.sqrt(mean_square + np.float32(eps))) * weight
+
+
+def _linear_rows(x: np.ndarray, projection: Projection) -> np.ndarray:
+    """(rows, in) times the projection's transposed matrix: one matrix product, computed as
+    the matrix times the transposed rows (~30 % faster for a few rows in numpy's OpenBLAS)."""
+    out = (projection.matrix @ x.T).T
+    if projection.rows < out.shape[1]:
+        out = out[:, : projection.rows]
+    return out if projection.bias is None else out + projection.bias
+
+
 def _linear(x: np.ndarray, projection: Projection) -> np.ndarray:
     out = projection.matrix @ x
     if projection.rows < out.shape[0]:
@@ -325,3 +352,38 @@ def decode_step(
             x = x + _attention(attn, w, _rms_norm(x, w.input_norm, eps), layer_cache)
             x = x + _mlp(w, _rms_norm(x, w.post_norm, eps))
         return weights.head @ _rms_norm(x, weights.norm, eps)
+
+
+def prefill(
+    model: LanguageModel, x: np.ndarray, cache: list[HostKVCache], weights: Weights
+) -> np.ndarray:
+    """The final-normed hidden states (positions, hidden) of the input embeddings `x` of new
+    positions, their keys and values appended to `cache`: the prefill in numpy.
+
+    The same layers as the decode step, on several rows: the projections are numpy matrix
+    products (its OpenBLAS multiplied a 876-token prompt's products ~1.5x faster than MLX's
+    here), the attention is the host kernel's (causal over the cached and new positions), and
+    the keys and values go to the numpy cache without a round trip through MLX. A short
+    prompt (a chat's next turn) no longer pays MLX's fixed cost per operation either."""
+    attn = model.layers[0].self_attn
+    heads, kv_heads, dims = attn.n_heads, attn.n_kv_heads, attn.rope.dims
+    eps = model.config.rms_norm_eps
+    count = x.shape[0]
+    cos, sin = _rotations(cache[0].offset, count, dims, attn.rope.base, heads, kv_heads, attn.scale)
+    with blas_threads(threads.current()):
+        for w, layer_cache in zip(weights.layers, cache):
+            qkv = _linear_rows(_rms_norm_rows(x, w.input_norm, eps), w.qkv)
+            qkv = qkv.reshape(count, heads + 2 * kv_heads, dims)
+            rotated = _rope(qkv[:, : heads + kv_heads], cos, sin)  # queries (scaled) and keys
+            keys, values = layer_cache.append(
+                rotated[:, heads:].transpose(1, 0, 2), qkv[:, heads + kv_heads :].transpose(1, 0, 2)
+            )
+            out = np.empty((1, count, heads, dims), np.float32)
+            queries = rotated[None, :, :heads].transpose(0, 2, 1, 3)
+            attention_into(out, queries, keys[None], values[None], 1.0, "causal")
+            x = x + _linear_rows(out.reshape(count, -1), w.o)
+            gate_up = _linear_rows(_rms_norm_rows(x, w.post_norm, eps), w.gate_up)
+            half = gate_up.shape[1] // 2
+            activated = elementwise(swiglu_into, gate_up[:, :half], gate_up[:, half:])
+            x = x + _linear_rows(activated, w.down)
+        return _rms_norm_rows(x, weights.norm, eps)

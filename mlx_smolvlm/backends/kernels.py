@@ -210,13 +210,12 @@ def _largest_norm(x: np.ndarray) -> float:
     return float(np.sqrt(np.einsum("...i,...i->...", x, x).max()))
 
 
-def _elementwise(kernel, x: mx.array, *others: mx.array) -> mx.array:
-    """`kernel(out_block, x_block, *other_blocks)` over 1 MiB blocks across threads, into a
-    numpy buffer of its own (the operands are only read)."""
-    data = host_view(x)
+def elementwise(kernel, data: np.ndarray, *others: np.ndarray) -> np.ndarray:
+    """`kernel(out_block, data_block, *other_blocks)` over 1 MiB blocks of numpy arrays across
+    threads, into a numpy buffer of its own (the operands are only read)."""
     out = np.empty(data.shape, dtype=np.float32)
     flat, flat_out = np.ascontiguousarray(data).reshape(-1), out.reshape(-1)
-    flat_others = [np.broadcast_to(host_view(o), data.shape).reshape(-1) for o in others]
+    flat_others = [np.ascontiguousarray(np.broadcast_to(o, data.shape)).reshape(-1) for o in others]
     block = _task_size(flat.size)
 
     def task(i: int) -> None:
@@ -224,7 +223,7 @@ def _elementwise(kernel, x: mx.array, *others: mx.array) -> mx.array:
         kernel(flat_out[part], flat[part], *(o[part] for o in flat_others))
 
     run_tasks(task, math.ceil(flat.size / block))
-    return mx.array(out)
+    return out
 
 
 def gelu_tanh_into(out: np.ndarray, x: np.ndarray) -> None:
@@ -250,7 +249,8 @@ def layer_norm_into(
     out += bias
 
 
-def _swiglu_block(out: np.ndarray, gate: np.ndarray, up: np.ndarray) -> None:
+def swiglu_into(out: np.ndarray, gate: np.ndarray, up: np.ndarray) -> None:
+    """silu(gate) * up of numpy blocks into `out` (another buffer)."""
     np.multiply(gate, np.float32(0.5), out=out)
     np.tanh(out, out=out)  # sigmoid(g) = (1 + tanh(g / 2)) / 2, no overflow
     out += 1.0
@@ -261,4 +261,4 @@ def _swiglu_block(out: np.ndarray, gate: np.ndarray, up: np.ndarray) -> None:
 
 def host_swiglu(gate: mx.array, up: mx.array) -> mx.array:
     """silu(gate) * up with numpy across threads."""
-    return _elementwise(_swiglu_block, gate, up)
+    return mx.array(elementwise(swiglu_into, host_view(gate), host_view(up)))

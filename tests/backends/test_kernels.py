@@ -383,6 +383,45 @@ def test_host_decode_matches_mlx_across_cache_growth(tie, bias, monkeypatch):
         np.testing.assert_allclose(a, b, atol=1e-4, err_msg=f"step {step}")
 
 
+@pytest.mark.parametrize("tie, bias", [(False, True), (True, False)])
+def test_host_prefill_in_chunks_matches_mlx(tie, bias, monkeypatch):
+    """The prefill runs in numpy on the host caches: chunk after chunk (each continuing the
+    cache's positions), from token ids or input embeddings, the hidden states, the last
+    position's logits and the next steps are MLX's."""
+    model = tiny_decoder(tie, bias)
+    ids = mx.array(np.random.default_rng(1).integers(3, 300, (1, 40)))
+    embeddings = model.embed_tokens(ids)
+    cache = model.make_cache()
+    want = model.hidden_states(ids, cache)
+    want_next = model(mx.array([[5]]), cache)
+    prefills = []
+    monkeypatch.setattr(cpu, "prefill", lambda *a: prefills.append(1) or decoder.prefill(*a))
+    host = cpu.prepare(model)
+    for source in ("ids", "embeddings"):
+        cache = host.make_cache()
+        parts = []
+        for start in range(0, 40, 7):
+            chunk = slice(start, start + 7)
+            if source == "ids":
+                parts.append(host.hidden_states(ids[:, chunk], cache))
+            else:
+                parts.append(host.hidden_states(None, cache, embeddings[:, chunk]))
+        got = mx.concatenate(parts, axis=1)
+        np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-4, err_msg=source)
+        np.testing.assert_allclose(
+            np.array(host.logits(got[:, -1:])), np.array(model.logits(want[:, -1:])), atol=1e-4
+        )
+        assert cache[0].offset == 40
+        np.testing.assert_allclose(
+            np.array(host(mx.array([[5]]), cache)), np.array(want_next), atol=1e-4
+        )
+    assert len(prefills) == 2 * 6
+    # A mask, or caches of another kind, take MLX's layers.
+    masked = host.hidden_states(ids, host.make_cache(), mask="causal")
+    np.testing.assert_allclose(np.array(masked), np.array(want), atol=1e-4)
+    assert len(prefills) == 2 * 6
+
+
 def test_host_cache_trims_and_quantizes_like_mlx_lms():
     model = tiny_decoder(False)
     host = cpu.prepare(model)
