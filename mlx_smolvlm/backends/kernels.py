@@ -91,18 +91,15 @@ def host_view(x: mx.array) -> np.ndarray:
     return view
 
 
-def _additive_mask(mask: Any, queries: int, keys: int) -> np.ndarray | None:
-    """`mask` (None, "causal", boolean or additive array) as float32 (batch, 1|queries, keys).
-    An array broadcasts as MLX's attention broadcasts it: (queries, keys) from a bounded
-    (rotating) KV cache's window, (batch, 1, queries, keys) from padded batches."""
+def _additive_mask(mask: Any) -> np.ndarray | None:
+    """`mask` (None, or a boolean or additive array; "causal" is `attention_into`'s) as float32
+    (batch, 1|queries, keys). An array broadcasts as MLX's attention broadcasts it: (queries,
+    keys) from a bounded (rotating) KV cache's window, (batch, 1, queries, keys) from padded
+    batches."""
     if mask is None:
         return None
     if isinstance(mask, str):
-        if mask != "causal":
-            raise ValueError(f"unknown attention mask {mask!r}")
-        offset = keys - queries  # earlier keys come from the cache
-        visible = np.arange(keys)[None, :] <= np.arange(queries)[:, None] + offset
-        return np.where(visible, 0.0, -np.inf).astype(np.float32)[None]
+        raise ValueError(f"unknown attention mask {mask!r}")
     mask = np.asarray(mask)
     if mask.ndim < 4:
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
@@ -144,7 +141,10 @@ def attention_into(
     kv_heads, keys = k.shape[1], k.shape[2]
     group = heads // kv_heads
     causal = isinstance(mask, str) and mask == "causal"
-    bias = _additive_mask(mask, queries, keys)
+    # A causal mask hides, in each block, only a triangle of its last QUERY_BLOCK visible keys
+    # (earlier keys are all visible): that triangle is masked, not the whole score matrix.
+    bias = None if causal else _additive_mask(mask)
+    triangle = np.triu(np.full((QUERY_BLOCK, QUERY_BLOCK), -np.inf, np.float32), k=1)
 
     def head(x: np.ndarray, b: int, g: int, which: int) -> np.ndarray:
         """Head g of sequence b of k (which=1) or v (2), its bias added (a copy) if it has one."""
@@ -158,7 +158,8 @@ def attention_into(
     per_head = batch * kv_heads >= 2 * _threads()
 
     def key_norm_of(keys_t: np.ndarray) -> float:
-        """A head's largest key norm; not computed with a mask (the shift is then always made)."""
+        """A head's largest key norm; not computed with an additive mask (whose values bound
+        nothing: the shift is then always made). The causal triangle only hides scores."""
         return 0.0 if bias is not None else _largest_norm(keys_t.T)
 
     def attend(
@@ -176,6 +177,9 @@ def attention_into(
         if bias is not None:
             bias_rows = rows if bias.shape[1] > 1 else slice(None)
             scores += bias[b if len(bias) > 1 else 0, bias_rows, :visible]
+        if causal:  # query i of the block sees the window's keys up to its own position
+            count = rows.stop - rows.start
+            scores[..., visible - count : visible] += triangle[:count, :count]
         # Softmax needs no shift by the row maxima (two passes over the scores, a sixth of the
         # attention's time) when no score can leave (-SAFE_SCORE, SAFE_SCORE): |q.k| is at most
         # |q| |k|, and exp stays finite and positive in float32 there.
@@ -206,8 +210,9 @@ def attention_into(
 
 
 def _largest_norm(x: np.ndarray) -> float:
-    """The largest Euclidean norm of the rows of x (..., dims)."""
-    return float(np.sqrt(np.einsum("...i,...i->...", x, x).max()))
+    """The largest Euclidean norm of the rows of x (..., dims). The squares are summed by a
+    BLAS product (which, unlike np.einsum, lets the other threads run meanwhile)."""
+    return float(np.sqrt((np.square(x) @ np.ones(x.shape[-1], np.float32)).max()))
 
 
 def elementwise(kernel, data: np.ndarray, *others: np.ndarray) -> np.ndarray:

@@ -115,16 +115,19 @@ def test_gelu_matches_mlx_and_never_writes_its_input():
 
 
 @pytest.mark.parametrize("magnitude", [1.0, 40.0])
-def test_softmax_without_shift_only_where_scores_are_safe(monkeypatch, magnitude):
+@pytest.mark.parametrize("mask, queries", [(None, 300), ("causal", 300), ("causal", 120)])
+def test_softmax_without_shift_only_where_scores_are_safe(monkeypatch, magnitude, mask, queries):
     """Small scores skip the shift by the row maxima, large ones (|q||k| past SAFE_SCORE) keep
-    it: both give MLX's attention, and never inf or NaN."""
-    q, k, v = (mx.random.normal((1, 4, 300, 32), key=mx.random.key(i)) for i in range(3))
+    it, with or without the causal triangle (over cached keys too): both give MLX's attention,
+    and never inf or NaN."""
+    q = mx.random.normal((1, 4, queries, 32), key=mx.random.key(0))
+    k, v = (mx.random.normal((1, 4, 300, 32), key=mx.random.key(i)) for i in (1, 2))
     q, k = q * magnitude, k * magnitude
-    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=32**-0.5)
+    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=32**-0.5, mask=mask)
     shifted = []
     norm = kernels._largest_norm
     monkeypatch.setattr(kernels, "_largest_norm", lambda x: shifted.append(1) or norm(x))
-    got = host_attention(q, k, v, 32**-0.5)
+    got = host_attention(q, k, v, 32**-0.5, mask)
     assert np.isfinite(np.array(got)).all()
     np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-4, atol=1e-5)
     largest = float(
