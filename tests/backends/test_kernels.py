@@ -512,63 +512,53 @@ def cpuinfo(flags: str) -> str:
     return f"processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 {flags}\n\n"
 
 
+def at_openblas_load(seen: str, **env: str) -> str:
+    """What `import mlx_smolvlm` printed: the value of the expression `seen` at the moment the
+    global OpenBLAS was loaded (a list of one), then OPENBLAS_THREAD_TIMEOUT after the import;
+    in a fresh process with `env` added to an environment without MLX_SMOLVLM_* settings."""
+    spy = f"""
+import ctypes, os, sys
+seen = []
+class Spy(ctypes.CDLL):
+    def __init__(self, name, *args, **kwargs):
+        if "openblas" in str(name):
+            seen.append({seen})
+        super().__init__(name, *args, **kwargs)
+ctypes.CDLL = Spy
+import mlx_smolvlm
+print(seen, os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
+"""
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MLX_SMOLVLM") and k != "OPENBLAS_THREAD_TIMEOUT"
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", spy], capture_output=True, text=True, env={**clean, **env}
+    )
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip()
+
+
 def test_torch_binds_its_libraries_before_the_global_openblas():
     """Loaded after a global OpenBLAS, torch's BLAS calls bind to it and its CPU attention runs
     ~18x slower: where torch is installed, it is imported before OpenBLAS is loaded."""
     pytest.importorskip("torch")
     if not ctypes.util.find_library("openblas"):
         pytest.skip("no OpenBLAS installed")
-    spy = """
-import ctypes, sys
-seen = []
-class Spy(ctypes.CDLL):
-    def __init__(self, name, *args, **kwargs):
-        if "openblas" in str(name):
-            seen.append("torch" in sys.modules)
-        super().__init__(name, *args, **kwargs)
-ctypes.CDLL = Spy
-import mlx_smolvlm
-print(seen)
-"""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_SMOLVLM")}
-    run = subprocess.run([sys.executable, "-c", spy], capture_output=True, text=True, env=env)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "[True]"
+    assert at_openblas_load('"torch" in sys.modules') == "[True] None"
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="MLX uses Accelerate on macOS")
 def test_openblas_threads_sleep_only_where_the_host_kernels_run():
     if not ctypes.util.find_library("openblas"):
         pytest.skip("no OpenBLAS installed")
-    spy = """
-import ctypes, os
-seen = []
-class Spy(ctypes.CDLL):
-    def __init__(self, name, *args, **kwargs):
-        if "openblas" in str(name):
-            seen.append(os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
-        super().__init__(name, *args, **kwargs)
-ctypes.CDLL = Spy
-import mlx_smolvlm
-print(seen, os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
-"""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("MLX_SMOLVLM") and k != "OPENBLAS_THREAD_TIMEOUT"
-    }
-
-    def timeout_at_load(**extra: str) -> str:
-        run = subprocess.run(
-            [sys.executable, "-c", spy], capture_output=True, text=True, env={**env, **extra}
-        )
-        assert run.returncode == 0, run.stderr
-        return run.stdout.strip()
-
-    assert timeout_at_load() == "['4'] None"  # sleeping threads, not left in the environment
+    timeout = 'os.environ.get("OPENBLAS_THREAD_TIMEOUT")'
+    # Sleeping threads, the setting not left in the environment.
+    assert at_openblas_load(timeout) == "['4'] None"
     # The pure-MLX path decodes through MLX's BLAS: OpenBLAS's spinning default is kept.
-    assert timeout_at_load(MLX_SMOLVLM_HOST_KERNELS="0") == "[None] None"
-    assert timeout_at_load(OPENBLAS_THREAD_TIMEOUT="10") == "['10'] 10"  # the user's wins
+    assert at_openblas_load(timeout, MLX_SMOLVLM_HOST_KERNELS="0") == "[None] None"
+    assert at_openblas_load(timeout, OPENBLAS_THREAD_TIMEOUT="10") == "['10'] 10"  # the user's
 
 
 def test_openblas_kernels_follow_the_cpu_flags_not_its_model():
