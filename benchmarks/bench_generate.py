@@ -17,7 +17,12 @@ host decoder, `MLX_SMOLVLM_HOST_KERNELS=0`) on the same MLX kernels as mlx-vlm; 
 both` shows it beside the default. `--background-load N` runs every measurement twice in turn,
 quiet and with N competing processes doing multi-threaded numpy matrix products (as another
 ML job on the same machine would; each stops itself after `--background-seconds` and is
-killed when its measurement ends), and shows both side by side.
+killed when its measurement ends), and shows both side by side. The jobs run in the
+benchmark's own session by default, where Linux's scheduler shares the cores among all their
+threads and the measured one's (the worst case); `--load-session own` starts them in a
+session of their own, as a program started from another terminal or desktop application is,
+which Linux's autogroup scheduling (`/proc/sys/kernel/sched_autogroup_enabled`) gives a share
+of the cores as a whole.
 
 Nothing here assumes the CPU: on MLX's CUDA backend or on Metal the workers run on the GPU
 (transformers on torch's CUDA or MPS device when it has one); OpenBLAS is only preloaded for
@@ -275,10 +280,14 @@ def preload_openblas(env: dict) -> None:
         env["OPENBLAS_CORETYPE"] = family
 
 
-def start_background(count: int, seconds: float) -> list[subprocess.Popen]:
-    """`count` competing BLAS jobs, each ending itself after `seconds` at the latest."""
+def start_background(count: int, seconds: float, own_session: bool) -> list[subprocess.Popen]:
+    """`count` competing BLAS jobs, each ending itself after `seconds` at the latest, in this
+    session or (`own_session`) in one of their own."""
     jobs = [
-        subprocess.Popen([sys.executable, "-c", BACKGROUND, str(seconds)]) for _ in range(count)
+        subprocess.Popen(
+            [sys.executable, "-c", BACKGROUND, str(seconds)], start_new_session=own_session
+        )
+        for _ in range(count)
     ]
     time.sleep(1.0)  # their threads running before the measurement starts
     return jobs
@@ -296,7 +305,8 @@ def run_worker(name: str, python: str, checkpoint: Path, args, load: int = 0) ->
     cmd = [python, __file__, "--worker", name, "--checkpoint", str(checkpoint),
            "--max-tokens", str(args.max_tokens), "--dtype", args.dtype]  # fmt: skip
     cmd += ["--text-only"] if args.text_only else ["--image", str(args.image)]
-    jobs = start_background(load, args.background_seconds) if load else []
+    own = args.load_session == "own"
+    jobs = start_background(load, args.background_seconds, own) if load else []
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(name, python))
     finally:
@@ -409,6 +419,13 @@ def main() -> None:
         default=0,
         metavar="N",
         help="also measure each run with N competing multi-threaded BLAS processes",
+    )
+    parser.add_argument(
+        "--load-session",
+        choices=["shared", "own"],
+        default="shared",
+        help="run the background jobs in this session (shared: the scheduler shares the cores "
+        "among all threads) or in a session of their own (as another program would be)",
     )
     parser.add_argument(
         "--background-seconds",
