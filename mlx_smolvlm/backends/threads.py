@@ -1,7 +1,7 @@
 """How many threads the CPU backend's host work runs on: the cores this process may use, less
 those other programs keep busy right now.
 
-A decode step synchronises its threads hundreds of times per token (each of its ~200 BLAS
+A decode step synchronises its threads hundreds of times per token (each of its ~120 BLAS
 products waits for every BLAS thread). When other programs keep the cores busy, one of our
 threads is often descheduled, and every product then waits a whole scheduler slice for it:
 with two competing multi-threaded BLAS jobs on a 2-core machine, a two-thread decode step ran
