@@ -125,26 +125,12 @@ def _inverse_frequencies(dims: int, base: float) -> np.ndarray:
     return (np.float32(1.0) / np.power(np.float32(base), exponents)).astype(np.float32)
 
 
-@lru_cache(maxsize=4)
-def _rotation(
-    position: int, dims: int, base: float, heads: int, kv_heads: int, scale: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """The cos and signed sin tables (heads + kv_heads, dims) that rotate a position's queries
-    and keys (rotate-half layout, no scaling), the queries' rows times the attention's scale.
-    Every layer of a step asks the same: made once a step, they cut the rotation to two
-    products and an add (from seven operations)."""
-    angles = np.float32(position) * _inverse_frequencies(dims, base)
-    cos, sin = np.cos(angles), np.sin(angles)
-    rows = np.ones((heads + kv_heads, 1), np.float32)
-    rows[:heads] = np.float32(scale)
-    return rows * np.concatenate([cos, cos]), rows * np.concatenate([-sin, sin])
-
-
 def _rotations(
     start: int, count: int, dims: int, base: float, heads: int, kv_heads: int, scale: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`_rotation`'s tables for `count` positions from `start`, (count, heads + kv_heads,
-    dims), made in one pass with the same float32 arithmetic."""
+    """The cos and signed sin tables (count, heads + kv_heads, dims) that rotate the queries
+    and keys of `count` positions from `start` (rotate-half layout, no scaling), the queries'
+    rows times the attention's scale: the rotation is then two products and an add."""
     positions = np.arange(start, start + count).astype(np.float32)[:, None, None]
     angles = positions * _inverse_frequencies(dims, base)
     cos, sin = np.cos(angles), np.sin(angles)
@@ -153,8 +139,18 @@ def _rotations(
     return rows * np.concatenate([cos, cos], -1), rows * np.concatenate([-sin, sin], -1)
 
 
+@lru_cache(maxsize=4)
+def _rotation(
+    position: int, dims: int, base: float, heads: int, kv_heads: int, scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """One position's `_rotations` tables (heads + kv_heads, dims), made once a decode step:
+    every layer asks the same."""
+    cos, sin = _rotations(position, 1, dims, base, heads, kv_heads, scale)
+    return cos[0], sin[0]
+
+
 def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate (rows, dims) by the tables of `_rotation`: x cos + rotate_half(x) sin, where
+    """Rotate (..., dims) by tables of `_rotations`: x cos + rotate_half(x) sin, where
     rotate_half swaps the two halves (the sign is in the sin table)."""
     half = x.shape[-1] // 2
     swapped = x.reshape(*x.shape[:-1], 2, half)[..., ::-1, :].reshape(x.shape)  # one copy
@@ -368,10 +364,11 @@ def prefill(
     positions, their keys and values appended to `cache`: the prefill in numpy.
 
     The same layers as the decode step, on several rows: the projections are numpy matrix
-    products (its OpenBLAS multiplied a 876-token prompt's products ~1.5x faster than MLX's
-    here), the attention is the host kernel's (causal over the cached and new positions), and
-    the keys and values go to the numpy cache without a round trip through MLX. A short
-    prompt (a chat's next turn) no longer pays MLX's fixed cost per operation either."""
+    products, the attention is the host kernel's (causal over the cached and new positions),
+    and the keys and values go to the numpy cache without a round trip through MLX. A short
+    prompt (a chat's next turn) no longer pays MLX's fixed cost per operation: a 20-token
+    prompt's first token ~0.12 -> ~0.085 s on 2 cores; an 876-token one is level with MLX's
+    products and the host kernels between them."""
     attn = model.layers[0].self_attn
     heads, kv_heads, dims = attn.n_heads, attn.n_kv_heads, attn.rope.dims
     eps = model.config.rms_norm_eps
