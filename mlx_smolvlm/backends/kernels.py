@@ -210,9 +210,8 @@ def attention_into(
 
 
 def _largest_norm(x: np.ndarray) -> float:
-    """The largest Euclidean norm of the rows of x (..., dims). The squares are summed by a
-    BLAS product (which, unlike np.einsum, lets the other threads run meanwhile)."""
-    return float(np.sqrt((np.square(x) @ np.ones(x.shape[-1], np.float32)).max()))
+    """The largest Euclidean norm of the rows of x (..., dims)."""
+    return float(np.sqrt(np.einsum("...i,...i->...", x, x).max()))
 
 
 def elementwise(kernel, data: np.ndarray, *others: np.ndarray) -> np.ndarray:
