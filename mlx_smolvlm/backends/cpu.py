@@ -33,6 +33,11 @@ from .vision import HostVisionModel
 from .vision import supported as vision_supported
 
 
+def on_host(cache: list | None) -> bool:
+    """Whether `cache` is the host decoder's: a `HostKVCache` for every layer."""
+    return bool(cache) and all(isinstance(c, HostKVCache) for c in cache)
+
+
 class HostAttention(language.Attention):
     """Decoder attention whose prefill (several queries, float keys) runs on the host."""
 
@@ -63,10 +68,10 @@ class HostLanguageModel(language.LanguageModel):
     ) -> mx.array:
         x = inputs if inputs is not None else input_embeddings
         one_token = mask is None and x.shape[:2] == (1, 1)
-        if one_token and cache and isinstance(cache[0], HostKVCache) and not self.training:
+        if one_token and on_host(cache) and not self.training:
             token = None if inputs is None else inputs.item()
-            weights = self.__dict__.get("host_weights") or self.refresh()
-            return mx.array(decode_step(self, token, input_embeddings, cache, weights)[None, None])
+            logits = decode_step(self, token, input_embeddings, cache, self.weights())
+            return mx.array(logits[None, None])
         return super().__call__(inputs, cache, input_embeddings, mask)
 
     def hidden_states(
@@ -79,10 +84,9 @@ class HostLanguageModel(language.LanguageModel):
         """The prefill on its host caches (causal, one sequence) in numpy (`decoder.prefill`);
         anything else in MLX (training, masks, other caches)."""
         x = input_embeddings if input_embeddings is not None else inputs
-        host = cache and all(isinstance(c, HostKVCache) for c in cache)
-        if not host or self.training or mask is not None or x.shape[0] != 1:
+        if not on_host(cache) or self.training or mask is not None or x.shape[0] != 1:
             return super().hidden_states(inputs, cache, input_embeddings, mask)
-        weights = self.__dict__.get("host_weights") or self.refresh()
+        weights = self.weights()
         if input_embeddings is not None:  # the embeddings win, as in the MLX decoder
             rows = host_view(input_embeddings.astype(mx.float32))[0]
         else:
@@ -95,9 +99,8 @@ class HostLanguageModel(language.LanguageModel):
         (~11 ms of a short prompt's ~100 ms to the first token)."""
         if self.training or hidden.size != hidden.shape[-1]:
             return super().logits(hidden)
-        weights = self.__dict__.get("host_weights") or self.refresh()
         with blas_threads(threads.current()):
-            row = weights.head @ host_view(hidden.astype(mx.float32)).reshape(-1)
+            row = self.weights().head @ host_view(hidden.astype(mx.float32)).reshape(-1)
         return mx.array(row.reshape(hidden.shape[:-1] + row.shape))
 
     def greedy_tokens(self, token: int, cache: list[HostKVCache], count: int) -> Iterator[int]:
@@ -105,7 +108,7 @@ class HostLanguageModel(language.LanguageModel):
         logits: what mlx-lm's `generate_step` yields with a greedy sampler and no logits
         processors, without its MLX log-softmax of the logits (on MLX's CPU backend ~1 ms of
         a ~22 ms step for SmolVLM-256M, whose exponentials MLX computes one at a time)."""
-        weights = self.__dict__.get("host_weights") or self.refresh()
+        weights = self.weights()
         for _ in range(count):
             token = int(np.argmax(decode_step(self, token, None, cache, weights)))
             yield token
@@ -114,6 +117,10 @@ class HostLanguageModel(language.LanguageModel):
         """One host KV cache per layer (and the weights' views for the steps, made anew)."""
         self.refresh()
         return [HostKVCache() for _ in self.layers]
+
+    def weights(self) -> Weights:
+        """The views the numpy steps read: those of the last `make_cache`, or made now."""
+        return self.__dict__.get("host_weights") or self.refresh()
 
     def refresh(self) -> Weights:
         """Make the numpy views of the weights the decode steps read (`decoder.views`); called
@@ -207,9 +214,7 @@ def greedy_tokens(
 ) -> Iterator[int] | None:
     """The host decoder's greedy tokens after `token` (`HostLanguageModel.greedy_tokens`), or
     None where it does not decode (another backend, a quantized or bounded cache)."""
-    if isinstance(language_model, HostLanguageModel) and all(
-        isinstance(c, HostKVCache) for c in cache
-    ):
+    if isinstance(language_model, HostLanguageModel) and on_host(cache):
         return language_model.greedy_tokens(token, cache, count)
     return None
 

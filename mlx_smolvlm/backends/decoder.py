@@ -326,9 +326,9 @@ def _attention(attn: Any, w: LayerWeights, x: np.ndarray, cache: HostKVCache) ->
 def _mlp(w: LayerWeights, x: np.ndarray) -> np.ndarray:
     gate_up = _linear(x, w.gate_up)
     half = gate_up.shape[0] // 2  # slices: np.split costs more than the SiLU
-    gate, up = gate_up[:half], gate_up[half:]
-    silu = gate * (np.float32(0.5) + np.float32(0.5) * np.tanh(np.float32(0.5) * gate))
-    return _linear(silu * up, w.down)
+    activated = np.empty(half, np.float32)
+    swiglu_into(activated, gate_up[:half], gate_up[half:])
+    return _linear(activated, w.down)
 
 
 def decode_step(

@@ -144,7 +144,7 @@ def attention_into(
     # A causal mask hides, in each block, only a triangle of its last QUERY_BLOCK visible keys
     # (earlier keys are all visible): that triangle is masked, not the whole score matrix.
     bias = None if causal else _additive_mask(mask)
-    triangle = np.triu(np.full((QUERY_BLOCK, QUERY_BLOCK), -np.inf, np.float32), k=1)
+    triangle = _causal_triangle() if causal else None
 
     def head(x: np.ndarray, b: int, g: int, which: int) -> np.ndarray:
         """Head g of sequence b of k (which=1) or v (2), its bias added (a copy) if it has one."""
@@ -207,6 +207,14 @@ def attention_into(
             attend(b, g, block, keys_t, head(v, b, g, 2), key_norm_of(keys_t))
 
     run_tasks(task, batch * kv_heads * (1 if per_head else blocks))
+
+
+@cache
+def _causal_triangle() -> np.ndarray:
+    """-inf above the diagonal of a QUERY_BLOCK square, 0 elsewhere: a causal block's mask."""
+    triangle = np.triu(np.full((QUERY_BLOCK, QUERY_BLOCK), -np.inf, np.float32), k=1)
+    triangle.flags.writeable = False
+    return triangle
 
 
 def _largest_norm(x: np.ndarray) -> float:
